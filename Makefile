@@ -1,0 +1,44 @@
+# nanoternary — `make help` lists every target.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU build of PyTorch by default; e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" for CUDA.
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= dev
+ARGS ?=
+
+.DEFAULT_GOAL := help
+
+help:  ## list targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+setup: $(VENV)/.installed  ## create .venv and install the package with its dev extras
+
+train: setup  ## train the tiny model on the stdlib code corpus, export it, report bpb and a sample (ARGS=... for overrides)
+	$(PY) train.py model=tiny optim=muon_lion trainer=cpu $(ARGS)
+
+test: setup  ## run the default test suite (fast, CPU)
+	$(PY) -m pytest -q $(ARGS)
+
+test-slow: setup  ## run the whole test suite including slow tests
+	$(PY) -m pytest -q -m "" $(ARGS)
+
+lint: setup  ## ruff check + format check
+	$(VENV)/bin/ruff check nanoternary tests train.py
+	$(VENV)/bin/ruff format --check nanoternary tests train.py
+
+format: setup  ## apply ruff fixes and formatting
+	$(VENV)/bin/ruff check --fix nanoternary tests train.py
+	$(VENV)/bin/ruff format nanoternary tests train.py
+
+clean-cache:  ## delete cached tokenizers and token files (~/.cache/nanoternary, or NANOTERNARY_CACHE if set)
+	rm -rf "$${NANOTERNARY_CACHE:-$$HOME/.cache/nanoternary}"
+
+.PHONY: help setup train test test-slow lint format clean-cache

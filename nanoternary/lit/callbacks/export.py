@@ -1,0 +1,78 @@
+"""Model folders during and at the end of training: export/step-XXXXXXXX/ and export/final/.
+
+The final folder carries the full held-out score (every held-out token, not the sampled subset that
+periodic validation uses), so meta.json states exactly what the run achieved.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from nanoternary.evals.bpb import evaluate_heldout
+from nanoternary.io.export_dir import save_export
+
+log = logging.getLogger(__name__)
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+class ModelExport(L.Callback):
+    def __init__(self, dirpath: str, every_n_steps: int = 0, final_eval: bool = True, run_summary: dict | None = None):
+        if every_n_steps < 0:
+            raise ValueError(f"export.every_n_steps must be >= 0 (0 = only final), got {every_n_steps}")
+        self.dirpath = Path(dirpath)
+        self.every_n_steps, self.final_eval = every_n_steps, final_eval
+        self.run_summary = run_summary or {}
+        self.final_path: Path | None = None
+        self.final_meta: dict[str, Any] | None = None
+
+    def training_meta(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
+        corpus = trainer.datamodule.prepare()
+        batch = trainer.datamodule.batch_size * trainer.datamodule.seq_len * trainer.world_size
+        return {
+            "step": trainer.global_step,
+            "tokens_seen": trainer.global_step * batch * getattr(pl_module, "accumulate", 1),
+            "train_loss": metrics.get("train/loss"),
+            "val_loss": metrics.get("val/loss"),
+            "val_bpb": metrics.get("val/bpb"),
+            "corpus_hash": corpus.corpus_hash,
+            "data": trainer.datamodule.source_name,
+            "optim": pl_module.optim_cfg,
+            "training": self.run_summary,
+        }
+
+    def write(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str, extra: dict | None = None) -> Path:
+        meta = {**self.training_meta(trainer, pl_module), **(extra or {})}
+        path = save_export(self.dirpath / name, pl_module.model, trainer.datamodule.prepare().tokenizer, meta)
+        return path
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step and step % self.every_n_steps == 0 and trainer.is_global_zero:
+            if not (self.dirpath / step_dir_name(step)).exists():
+                self.write(trainer, pl_module, step_dir_name(step))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        extra: dict[str, Any] = {}
+        if self.final_eval:
+            was_training = pl_module.training
+            pl_module.eval()
+            with torch.autocast(pl_module.device.type, enabled=False):
+                score = evaluate_heldout(
+                    pl_module.model, trainer.datamodule.val_dataloader(), pl_module.token_bytes, pl_module.eot_id
+                )
+            pl_module.train(was_training)
+            extra = {"val_loss": score.loss, "val_bpb": score.bpb, "val_tokens": score.tokens, "val_bytes": score.bytes}
+            log.info("final held-out: loss %.4f nats/token, %.4f bits/byte", score.loss, score.bpb)
+        self.final_path = self.write(trainer, pl_module, "final", extra)
+        self.final_meta = extra
