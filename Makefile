@@ -38,7 +38,27 @@ format: setup  ## apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix nanoternary tests train.py
 	$(VENV)/bin/ruff format nanoternary tests train.py
 
+tokenizer: setup  ## train/inspect the tokenizer of a data config, bytes/token on its held-out split (ARGS="data=files data.paths=[src]")
+	$(PY) -m nanoternary.cli.tokenizer $(ARGS)
+
+eval-bpb: setup  ## held-out val/loss, val/bpb and gzip/bzip2/xz bits per byte of a model folder (ARGS="export=outputs/train/<run>/export/final")
+	$(PY) -m nanoternary.cli.eval_bpb $(ARGS)
+
+bench-data: setup  ## tokenization MB/s and peak RSS on a >= 200 MB corpus of stdlib copies (made in a temp dir)
+	$(PY) benchmarks/bench_data.py $(ARGS)
+
+MODEL ?= $(lastword $(sort $(wildcard outputs/train/*/export/final)))
+
+serve: setup  ## serve a model: OpenAI-compatible API + chat page on http://127.0.0.1:8080 (MODEL=<export folder or .gguf>, default the newest export; ARGS=port=8000 ...)
+	$(PY) -m nanoternary.cli.serve model=$(MODEL) $(ARGS)
+
+bench-serve: setup  ## server tokens/s and p50/p99 latency at 1, 4, 16 concurrent clients (ARGS="--model <path> --threads 1")
+	$(PY) benchmarks/bench_serve.py $(ARGS)
+
+report: setup  ## compare every run under outputs/: outputs/report/report.md table + loss/LR plots (ARGS="select=[train/multirun/*/*]")
+	$(PY) -m nanoternary.cli.compare $(ARGS)
+
 clean-cache:  ## delete cached tokenizers and token files (~/.cache/nanoternary, or NANOTERNARY_CACHE if set)
 	rm -rf "$${NANOTERNARY_CACHE:-$$HOME/.cache/nanoternary}"
 
-.PHONY: help setup train test test-slow lint format clean-cache
+.PHONY: help setup train test test-slow lint format clean-cache tokenizer eval-bpb bench-data serve bench-serve report

@@ -15,6 +15,18 @@ from nanoternary.infer.generate import greedy_complete
 from nanoternary.lit.module import LitTernaryLM
 
 
+def heldout_table(title: str, loss: float | None, bpb: float | None, baselines: dict[str, float]) -> Table:
+    """The model's held-out loss and bpb above the compressors' bpb on the same bytes ("n/a": undefined)."""
+    table = Table(title=title)
+    table.add_column("model / compressor")
+    table.add_column("nats per token", justify="right")
+    table.add_column("bits per byte", justify="right")
+    table.add_row("nanoternary", *(f"{v:.4f}" if v is not None else "n/a" for v in (loss, bpb)))
+    for name, value in baselines.items():
+        table.add_row(f"{name} -9{'e' if name == 'xz' else ''}", "", f"{value:.4f}")
+    return table
+
+
 def print_run_summary(
     run_dir: Path,
     module: LitTernaryLM,
@@ -25,20 +37,22 @@ def print_run_summary(
     sample_tokens: int,
 ) -> dict[str, Any]:
     """Print and save (run_dir/summary.json) what the run achieved."""
-    baselines = compression_bpb(datamodule.heldout_bytes())
-    table = Table(title=f"held-out {datamodule.source_name} ({len(datamodule.heldout_bytes()):,} bytes)")
-    table.add_column("model / compressor")
-    table.add_column("bits per byte", justify="right")
-    if "val/bpb" in metrics:
-        table.add_row("nanoternary val/bpb", f"{metrics['val/bpb']:.4f}")
-    for name, bpb in baselines.items():
-        table.add_row(f"{name} -9{'e' if name == 'xz' else ''}", f"{bpb:.4f}")
     console = Console()
-    console.print(table)
-    module.model.eval()
-    sample = greedy_complete(module.model.float(), datamodule.prepare().tokenizer, sample_prompt, sample_tokens)
-    console.print(f"[bold]sample[/bold] (greedy, {sample_tokens} tokens):")
-    console.print(sample_prompt + sample, markup=False, highlight=False)
+    sample = None
+    if datamodule.has_text:
+        heldout = datamodule.heldout_bytes()
+        baselines = compression_bpb(heldout)
+        title = f"held-out {datamodule.source_name} ({len(heldout):,} bytes)"
+    else:
+        baselines = {}
+        title = f"held-out {datamodule.source_name} (token ids: no bytes, so no bpb and no compressors)"
+    console.print(heldout_table(title, metrics.get("val/loss"), metrics.get("val/bpb"), baselines))
+    if datamodule.has_text:
+        module.model.eval()
+        tokenizer = datamodule.prepare().tokenizer
+        sample = greedy_complete(module.model.float(), tokenizer, sample_prompt, sample_tokens)
+        console.print(f"[bold]sample[/bold] (greedy, {sample_tokens} tokens):")
+        console.print(sample_prompt + sample, markup=False, highlight=False)
     summary = {
         "val/loss": metrics.get("val/loss"),
         "val/bpb": metrics.get("val/bpb"),

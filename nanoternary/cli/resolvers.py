@@ -15,7 +15,13 @@ def auto_precision() -> str:
     return "bf16-mixed" if torch.cuda.is_available() else cpu_precision()
 
 
+def or_default(value: object, default: object) -> object:
+    """`${nt.or_default:${run_dir},outputs/...}`: the value unless it is null."""
+    return default if value is None else value
+
+
 def register_resolvers() -> None:
-    for name, fn in (("nt.cpu_precision", cpu_precision), ("nt.auto_precision", auto_precision)):
+    for name, fn in (("nt.cpu_precision", cpu_precision), ("nt.auto_precision", auto_precision),
+                     ("nt.or_default", or_default)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

@@ -46,13 +46,14 @@ def stdlib_files(root: Path | None = None) -> list[tuple[str, Path]]:
 
 def stdlib_documents(split: str, holdout_mod: int = 20, root: Path | None = None) -> Iterator[Document]:
     """Documents of one split ('train' or 'val') of the stdlib corpus, in a fixed order."""
-    want_val = _check_split(split)
+    want_val = wants_heldout(split)
     for name, path in stdlib_files(root):
         if is_heldout(name, holdout_mod) == want_val:
             yield Document(name, path.read_text(encoding="utf-8", errors="replace"))
 
 
-def _check_split(split: str) -> bool:
+def wants_heldout(split: str) -> bool:
+    """True for 'val', False for 'train', a clear error for anything else."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     return split == "val"
@@ -60,7 +61,7 @@ def _check_split(split: str) -> bool:
 
 def split_documents(docs: Iterator[Document], split: str, holdout_mod: int) -> Iterator[Document]:
     """Filter any document stream down to one split by name hash."""
-    want_val = _check_split(split)
+    want_val = wants_heldout(split)
     return (d for d in docs if is_heldout(d.name, holdout_mod) == want_val)
 
 

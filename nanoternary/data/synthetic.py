@@ -16,13 +16,14 @@ import builtins
 import random
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 from nanoternary.data.sources import Document
 
 DEFAULT_NUM_SAMPLES = 16_000
 MAX_CHARS = 2_000
+IMPORTS_ALLOWANCE = 250  # the longest import block a program can need, __future__ included
 INDENT = "    "
 
 INT, FLOAT, STR, BOOL = "int", "float", "str", "bool"
@@ -59,7 +60,7 @@ PARAM_NAMES = {
           "retries", "level", "minimum", "maximum", "target", "port", "year", "quantity", "batch_size"),
     FLOAT: ("ratio", "rate", "scale", "factor", "weight", "tolerance", "discount", "temperature", "alpha"),
     STR: ("name", "text", "label", "prefix", "key", "path", "message", "title", "word", "suffix", "code",
-          "query", "filename", "category", "owner"),
+          "query", "filename", "category", "owner", "source_path", "output_file"),
     BOOL: ("verbose", "strict", "reverse", "enabled", "ignore_case", "dry_run", "include_empty"),
     INTS: ("values", "scores", "sizes", "numbers", "readings", "prices", "lengths", "samples", "durations",
            "ages", "points", "amounts"),
@@ -86,12 +87,14 @@ LOCAL_NAMES = {
           "line_text", "title_text"),
     BOOL: ("is_valid", "ready", "has_items", "is_large", "overflow", "should_stop", "is_even", "matches"),
 }  # fmt: skip
-RESERVED = frozenset(dir(builtins)) | {"self", "cls", "main"}
+
+
+SLOT = re.compile(r"<(\w+)>")
 
 
 def fill(template: str, slots: dict[str, str]) -> str:
     """Replace every `<slot>` marker; a missing slot is a template bug and raises KeyError."""
-    return re.sub(r"<(\w+)>", lambda m: slots[m.group(1)], template)
+    return SLOT.sub(lambda m: slots[m.group(1)], template) if "<" in template else template
 
 
 def indent(lines: Iterable[str]) -> list[str]:
@@ -113,16 +116,35 @@ def singular(name: str) -> str:
     return "item"
 
 
-def literal_slots(rng: random.Random) -> dict[str, str]:
-    """Constants every template may use: small ints, ordered thresholds, words, level labels."""
-    low, high = sorted(rng.sample(range(1, 100), 2))
-    first, second = rng.sample(NOUNS, 2)
-    levels = rng.choice(LEVELS)
-    return {
-        "k": str(rng.randint(2, 9)), "m": str(rng.randint(10, 99)), "t1": str(low), "t2": str(high),
-        "w": quote(first), "w2": quote(second), "sep": rng.choice(SEPARATORS),
-        "lo": quote(levels[0]), "mid": quote(levels[1]), "hi": quote(levels[2]),
-    }  # fmt: skip
+def draw_literal(rng: random.Random, key: str) -> dict[str, str]:
+    """Values for literal slot `key`, with the siblings that must agree (ordered thresholds, one scale)."""
+    if key == "k":
+        return {"k": str(rng.randint(2, 9))}
+    if key == "m":
+        return {"m": str(rng.randint(10, 99))}
+    if key == "sep":
+        return {"sep": rng.choice(SEPARATORS)}
+    if key in ("t1", "t2"):
+        low, high = sorted(rng.sample(range(1, 100), 2))
+        return {"t1": str(low), "t2": str(high)}
+    if key == "noun":
+        return {"noun": quote(rng.choice(NOUNS))}
+    if key in ("level1", "level2", "level3"):
+        return dict(zip(("level1", "level2", "level3"), map(quote, rng.choice(LEVELS)), strict=True))
+    raise KeyError(f"template uses unknown slot <{key}>")
+
+
+class Slots(dict[str, str]):
+    """Template slot values; literal slots are drawn on first use, so unused ones cost no time."""
+
+    def __init__(self, rng: random.Random) -> None:
+        super().__init__()
+        self.rng = rng
+
+    def __missing__(self, key: str) -> str:
+        for name, value in draw_literal(self.rng, key).items():
+            self.setdefault(name, value)
+        return self[key]
 
 
 def literal(rng: random.Random, type_: str) -> str | None:
@@ -150,9 +172,9 @@ class Signature:
     """What a later statement needs to call a generated function: its required params and result."""
 
     name: str
-    params: tuple[tuple[str, str], ...]
+    params: tuple[tuple[str, str], ...]  # (name, type) of each parameter a call must pass
     returns: str
-    keyword_from: int
+    keyword_from: int  # index of the first keyword-only parameter
 
     @property
     def result_name(self) -> str:
@@ -207,12 +229,17 @@ class Scope:
 
     def read(self, type_: str, avoid: Iterable[str] = ()) -> str:
         """A variable of `type_`, preferring one not already used by the same statement."""
-        avoid = set(avoid)
+        rng, avoid = self.rng, set(avoid)
         names = self.names(type_)
         names = [n for n in names if n not in avoid] or names
-        if not names or (type_ == INT_OR_LITERAL and self.rng.random() < 0.4):
-            return str(self.rng.randint(1, 20))
-        return self.rng.choice(names)
+        if not names or (type_ == INT_OR_LITERAL and rng.random() < 0.4):
+            return str(rng.randint(1, 20))
+        # Prefer what this body computed, then parameters over module constants: real data flow.
+        computed = [n for n in names if n in self.locals]
+        if computed and rng.random() < 0.5:
+            return rng.choice(computed)
+        plain = [n for n in names if not n.isupper()]
+        return rng.choice(plain if plain and rng.random() < 0.75 else names)
 
     def fresh(self, candidates: Sequence[str]) -> str:
         """Reserve an unused, non-builtin name, trying the candidates in random order first."""
@@ -253,7 +280,7 @@ class Snippet:
 
 def expand(snippet: Snippet, scope: Scope) -> list[str]:
     """Bind a snippet's slots against the scope and return its lines."""
-    slots = literal_slots(scope.rng)
+    slots = Slots(scope.rng)
     for slot, type_ in snippet.reads.items():
         slots[slot] = scope.read(type_, avoid=slots.values())
     for slot, candidates in snippet.temps.items():
@@ -293,8 +320,8 @@ FOR_LOOPS = (
             ("<out>: list[str] = []", "for <key>, <amount> in <table>.items():", "    if <amount> >= <bound>:",
              "        <out>.append(<key>)")),
     Snippet({"table": COUNTS, "x": NUM}, {"acc": (FLOAT, "weighted_total", "score_sum", "mass")},
-            {"key": ("key", "name"), "amount": ("amount", "tally_value")},
-            ("<acc> = 0.0", "for <key>, <amount> in sorted(<table>.items()):", "    <acc> += <amount> * <x>")),
+            {"amount": ("amount", "tally_value")},
+            ("<acc> = 0.0", "for <amount> in <table>.values():", "    <acc> += <amount> * <x>")),
     Snippet({"names": STRS, "seq": INTS}, {"rows": (STRS, "rows", "report_lines", "pairs_text")},
             {"name": ("~names", "label_name"), "value": ("~seq", "value")},
             ("<rows>: list[str] = []", "for <name>, <value> in zip(<names>, <seq>):",
@@ -349,15 +376,15 @@ WHILE_LOOPS = (
 
 BRANCHES = (
     Snippet({"x": NUM}, {"level": (STR, "level", "category", "status", "tier", "band")}, {},
-            ("if <x> < <t1>:", "    <level> = <lo>", "elif <x> < <t2>:", "    <level> = <mid>", "else:",
-             "    <level> = <hi>")),
+            ("if <x> < <t1>:", "    <level> = <level1>", "elif <x> < <t2>:", "    <level> = <level2>", "else:",
+             "    <level> = <level3>")),
     Snippet({"x": NUM}, {"level": (STR, "level", "category", "status", "tier")}, {},
-            ("if <x> >= <t2>:", "    <level> = <hi>", "else:", "    <level> = <lo>")),
+            ("if <x> >= <t2>:", "    <level> = <level3>", "else:", "    <level> = <level1>")),
     Snippet({"x": INT}, {"clamped": (INT, "clamped", "bounded", "safe_value")}, {},
             ("if <x> < 0:", "    <clamped> = 0", "elif <x> > <m>:", "    <clamped> = <m>", "else:",
              "    <clamped> = <x>")),
     Snippet({"text": STR}, {"kind": (STR, "normalized_text", "cleaned_text", "canonical")}, {},
-            ("if <text>.startswith(<w>):", "    <kind> = <text>.removeprefix(<w>)", "elif <text>.isdigit():",
+            ("if <text>.startswith(<noun>):", "    <kind> = <text>.removeprefix(<noun>)", "elif <text>.isdigit():",
              "    <kind> = <text>.zfill(<k>)", "else:", "    <kind> = <text>.strip()")),
     Snippet({"flag": BOOL, "seq": INTS}, {"ordered": (INTS, "ordered", "arranged")}, {},
             ("if <flag>:", "    <ordered> = sorted(<seq>, reverse=True)", "else:", "    <ordered> = sorted(<seq>)")),
@@ -407,7 +434,7 @@ COMPREHENSIONS = (
     Snippet({"seq": INTS, "bound": INT_OR_LITERAL}, {"out": (INT, "above_total", "excess")}, {"v": ("~seq", "v")},
             ("<out> = sum(<v> for <v> in <seq> if <v> > <bound>)",)),
     Snippet({"words": STRS}, {"out": (BOOL, "any_match", "has_prefix")}, {"w": ("~words", "w")},
-            ("<out> = any(<w>.startswith(<w2>) for <w> in <words>)",)),
+            ("<out> = any(<w>.startswith(<noun>) for <w> in <words>)",)),
     Snippet({"words": STRS}, {"out": (INT, "longest", "max_width")}, {"w": ("~words", "w")},
             ("<out> = max((len(<w>) for <w> in <words>), default=0)",)),
     Snippet({"seq": INTS}, {"out": (INTS, "grid", "products")}, {"a": ("a", "row"), "b": ("b", "col")},
@@ -448,6 +475,8 @@ WITH_BLOCKS = (
              '        <handle>.write(<w> + "\\n")')),
     Snippet({"path": PATH}, {"size": (INT, "byte_count", "size_on_disk")}, {"handle": ("handle", "stream")},
             ('with open(<path>, "rb") as <handle>:', "    <size> = len(<handle>.read())")),
+    Snippet({"table": COUNTS, "key": STR}, {"kept": (COUNTS, "remaining_counts", "pruned")}, {},
+            ("<kept> = dict(<table>)", "with suppress(KeyError):", "    del <kept>[<key>]")),
 )  # fmt: skip
 
 BUILTIN_CALLS = (
@@ -468,10 +497,10 @@ BUILTIN_CALLS = (
     Snippet({"x": NUM}, {"out": (INT, "pages", "chunks_needed")}, {}, ("<out> = math.ceil(<x> / <k>)",)),
     Snippet({"seq": INTS}, {"out": (FLOAT, "norm", "magnitude")}, {"v": ("~seq", "v")},
             ("<out> = math.sqrt(sum(<v> * <v> for <v> in <seq>))",)),
-    Snippet({"text": STR}, {"out": (INT, "occurrences", "mentions")}, {}, ("<out> = <text>.count(<w>)",)),
+    Snippet({"text": STR}, {"out": (INT, "occurrences", "mentions")}, {}, ("<out> = <text>.count(<noun>)",)),
     Snippet({"seq": INTS}, {"out": (INT, "smallest", "floor_value")}, {}, ("<out> = min(<seq>, default=0)",)),
     Snippet({"table": COUNTS}, {"out": (INT, "grand_total", "overall")}, {}, ("<out> = sum(<table>.values())",)),
-    Snippet({"table": COUNTS}, {"out": (COUNTS, "merged", "updated_counts")}, {}, ("<out> = {**<table>, <w>: <k>}",)),
+    Snippet({"table": COUNTS}, {"out": (COUNTS, "merged", "updated_counts")}, {}, ("<out> = {**<table>, <noun>: <k>}",)),
     Snippet({"a": INT}, {"q": (INT, "quotient", "whole"), "r": (INT, "remainder", "leftover")}, {},
             ("<q>, <r> = divmod(<a>, <k>)",)),
     Snippet({"words": STRS}, {"out": (BOOL, "all_unique", "is_distinct")}, {},
@@ -505,9 +534,10 @@ EXPRESSIONS = {
             "<x> / <k> + <a>", "math.log1p(abs(<x>))", "(<x> + <a>) / 2"),
     STR: ("<s>.strip().lower()", "<s>.upper()", "<s>.title()", '<s>.replace("_", " ")', "<s>[:<k>]",
           'f"{<s>}-{<a>}"', 'f"{<s>}: {<a>} items"', '<s> + "_" + str(<a>)', "str(<a>).zfill(<k>)",
-          '<s>.center(<m>, "-")', 'f"{<s>!r} ({<a>})"', "<s>.capitalize()", '"-".join(<s>.split())'),
+          '<s>.center(<m>, "-")', 'f"{<s>!r} ({<a>})"', "<s>.capitalize()", '"-".join(<s>.split())',
+          'f"total={<a>}"', 'f"{<a>:05d}"', 'format(<a>, ",")', '"#" * <a>'),
     BOOL: ("<a> > <b>", "<a> % 2 == 0", "<s>.isdigit()", "bool(<s>) and <a> > 0", "len(<s>) > <k>",
-           "<s>.startswith(<w>)", "<a> >= <b> or <a> == 0"),
+           "<s>.startswith(<noun>)", "<a> >= <b> or <a> == 0"),
 }  # fmt: skip
 EXPRESSION_TYPES = (INT, INT, FLOAT, STR, STR, BOOL)
 
@@ -515,9 +545,8 @@ EXPRESSION_TYPES = (INT, INT, FLOAT, STR, STR, BOOL)
 def int_atom(scope: Scope) -> str:
     """An int-valued operand: a variable, a size or sum of a collection, or a small literal."""
     rng, roll = scope.rng, scope.rng.random()
-    ints = scope.names(INT)
-    if ints and roll < 0.55:
-        return rng.choice(ints)
+    if scope.names(INT) and roll < 0.55:
+        return scope.read(INT)
     sized = scope.names(INTS) + scope.names(STRS) + scope.names(COUNTS)
     if sized and roll < 0.85:
         seq = rng.choice(sized)
@@ -530,12 +559,13 @@ def stmt_assign(scope: Scope) -> list[str]:
     rng = scope.rng
     type_ = rng.choice(EXPRESSION_TYPES)
     floats, strs = scope.names(FLOAT), scope.names(STR)
-    slots = literal_slots(rng)
+    slots = Slots(rng)
     slots["a"], slots["b"] = int_atom(scope), int_atom(scope)
     slots["x"] = rng.choice(floats) if floats else f"float({slots['a']})"
     slots["s"] = rng.choice(strs) if strs else quote(rng.choice(NOUNS))
-    # A quoted literal inside an f-string would reuse its quotes, which Python < 3.12 rejects.
-    forms = [form for form in EXPRESSIONS[type_] if strs or "{<s>" not in form]
+    # Without a str variable `<s>` is a quoted literal: silly in most forms, and inside an f-string it
+    # would reuse the f-string's quotes, which Python < 3.12 rejects.
+    forms = [form for form in EXPRESSIONS[type_] if strs or "<s>" not in form]
     expression = fill(rng.choice(forms), slots)
     return [f"{scope.declare(type_, LOCAL_NAMES[type_])} = {expression}"]
 
@@ -582,7 +612,7 @@ STATEMENTS: tuple[Callable[[Scope], list[str] | None], ...] = (
     snippet_statement(WITH_BLOCKS), snippet_statement(BUILTIN_CALLS),
 )  # fmt: skip
 STATEMENT_WEIGHTS = (3, 2, 4, 1.5, 3, 3, 1.5, 1, 3)
-BODY_SIZES = (1, 2, 2, 3, 3, 3, 4, 5)
+BODY_SIZES = (1, 2, 2, 3, 3, 4)
 
 
 @dataclass(frozen=True)
@@ -685,7 +715,7 @@ RETURN_VERBS = {
 OTHER_VERBS = ("build", "process", "prepare", "analyze", "split", "pair")
 SUMMARIES = (
     "<Verb> the <obj> from <inputs>.", "<Verb> <obj> using <inputs>.", "Return the <obj> derived from <inputs>.",
-    "<Verb> the <obj> for the given <inputs>.", "Helper that <verb>s the <obj> of <inputs>.",
+    "<Verb> the <obj> for the given <inputs>.", "Helper that <verbs> the <obj> of <inputs>.",
 )  # fmt: skip
 BOOL_SUMMARIES = (
     "Return True if the <obj> in <inputs> is acceptable.",
@@ -713,7 +743,7 @@ MODULE_DOCS = (
 )  # fmt: skip
 CLASS_DOCS = (
     "Keep track of <noun> records and simple statistics about them.", "<Role> for <noun> entries, kept in memory.",
-    "Collect <noun> data and answer small queries about it.", "In-memory <role> of <noun>s used by the service.",
+    "Collect <noun> data and answer small queries about it.", "In-memory <role> of <nouns> used by the service.",
 )  # fmt: skip
 CONSTANT_NAMES = {
     INT: ("MAX_ITEMS", "DEFAULT_LIMIT", "BATCH_SIZE", "MAX_RETRIES", "PAGE_SIZE", "THRESHOLD", "WINDOW"),
@@ -725,34 +755,43 @@ STATE_ATTRS = (("history", STRS), ("seen", STRS), ("entries", STRS), ("counts", 
                ("processed", INT), ("total", INT), ("recorded", INTS), ("peak", FLOAT))  # fmt: skip
 STATE_INIT = {STRS: "[]", INTS: "[]", COUNTS: "{}", INT: "0", FLOAT: "0.0"}
 MUTATOR_VERBS = ("add", "record", "register", "push", "track", "update", "accept", "store")
+# Drawn without replacement, so "query" and "mutator" are listed twice to make them twice as likely.
 METHOD_KINDS = (
-    "query",
-    "query",
-    "mutator",
-    "mutator",
-    "property",
-    "repr",
-    "classmethod",
-    "staticmethod",
-    "len",
+    "query", "query", "mutator", "mutator", "property", "repr", "classmethod", "staticmethod", "len",
+)  # fmt: skip
+IMPORTS = (  # (module, name or None for a plain import, text that needs it), in output order
+    ("math", None, "math."),
+    ("collections", "Counter", "Counter("),
+    ("collections", "defaultdict", "defaultdict("),
+    ("collections.abc", "Iterator", "Iterator["),
+    ("contextlib", "suppress", "suppress("),
+    ("dataclasses", "dataclass", "@dataclass"),
+    ("dataclasses", "field", "= field("),
+    ("functools", "lru_cache", "@lru_cache"),
 )
-IMPORTS = (  # (module, name or None for a plain import, pattern that needs it), in output order
-    ("math", None, r"\bmath\."),
-    ("collections", "Counter", r"\bCounter\("),
-    ("collections", "defaultdict", r"\bdefaultdict\("),
-    ("collections.abc", "Iterator", r"\bIterator\["),
-    ("dataclasses", "dataclass", r"@dataclass"),
-    ("dataclasses", "field", r"= field\("),
-    ("functools", "lru_cache", r"@lru_cache"),
+
+# Never used for generated variables: builtins, and anything a program may import or define itself.
+RESERVED = (
+    frozenset(dir(builtins)) | {name or module for module, name, _ in IMPORTS} | {"self", "cls", "main"}
 )
+
+
+def uses(body: str, needle: str) -> bool:
+    """`needle` occurs at the start of a name (`Counter(` but not `OrderCounter(`); faster than a regex."""
+    at = body.find(needle)
+    while at != -1:
+        if at == 0 or not (body[at - 1].isalnum() or body[at - 1] == "_"):
+            return True
+        at = body.find(needle, at + 1)
+    return False
 
 
 def import_lines(body: str) -> list[str]:
     """Import exactly what the body uses, plain imports first, names merged per module."""
     plain: list[str] = []
     names: dict[str, list[str]] = {}
-    for module, name, pattern in IMPORTS:
-        if re.search(pattern, body):
+    for module, name, needle in IMPORTS:
+        if uses(body, needle):
             if name is None:
                 plain.append(f"import {module}")
             else:
@@ -778,13 +817,51 @@ def words_of(name: str) -> str:
     return name.replace("_", " ")
 
 
+def plural(word: str) -> str:
+    """English -s form: `entry` -> `entries`, `batch` -> `batches`, `tally` -> `tallies`, `count` -> `counts`.
+
+    The same rule makes the third person of a verb, which docstrings need as well.
+    """
+    if word.endswith("y") and word[-2:-1] not in "aeiou":
+        return word[:-1] + "ies"
+    if word.endswith(("s", "sh", "ch", "x")):
+        return word + "es"
+    return word + "s"
+
+
+@dataclass
+class ClassPlan:
+    """What the members of one generated class must agree on; mutators are kept for the demo block."""
+
+    name: str
+    noun: str
+    fields: list[Param]
+    state: str  # the attribute the mutators update
+    state_type: str
+    attrs: dict[str, str]  # what a method body may read: module constants and self.* attributes
+    method_names: set[str] = field(default_factory=lambda: {"__init__"})
+    mutators: list[tuple[str, list[Param]]] = field(default_factory=list)
+
+    @property
+    def sized(self) -> bool:
+        return self.state_type in (STRS, INTS, COUNTS)
+
+    def state_field(self) -> str:
+        """The dataclass field declaring the state, with a factory for mutable defaults."""
+        if self.state_type in (STRS, INTS):
+            return f"{self.state}: {self.state_type} = field(default_factory=list)"
+        if self.state_type == COUNTS:
+            return f"{self.state}: {self.state_type} = field(default_factory=dict)"
+        return f"{self.state}: {self.state_type} = {STATE_INIT[self.state_type]}"
+
+
 class ProgramBuilder:
     """Builds one program from one rng: module header, then functions, helpers and classes, then main."""
 
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
         self.functions: list[Signature] = []
-        self.classes: list[tuple[str, list[Param], list[tuple[str, list[Param]]]]] = []
+        self.classes: list[ClassPlan] = []
         self.module_names: set[str] = set()
         self.constants: dict[str, str] = {}
         self.future = rng.random() < 0.2
@@ -792,21 +869,25 @@ class ProgramBuilder:
     def build(self) -> str:
         rng = self.rng
         header = self._module_docstring() + self._constants()
-        target = int(rng.triangular(220, 1500, 350))
+        target = int(rng.triangular(200, 900, 200))
         items: list[str] = []
+        # Imports are only known once the body is, so leave room for the longest possible import block.
+        budget = MAX_CHARS - IMPORTS_ALLOWANCE
         length = sum(len(line) + 1 for line in header)
         for _ in range(12):
             if length >= target:
                 break
             mark = (len(self.functions), len(self.classes))
             item = "\n".join(self._item())
-            if items and length + len(item) > MAX_CHARS:
+            if length + len(item) + 3 > budget:
                 del self.functions[mark[0] :], self.classes[mark[1] :]
                 continue
             items.append(item)
             length += len(item) + 3
+        if not items:  # every draw was too long, which is rare; a helper is always short
+            items.append("\n".join(self._helper()))
         main = "\n".join(self._main()) if rng.random() < 0.4 else ""
-        if main and length + len(main) <= MAX_CHARS:
+        if main and length + len(main) + 3 <= budget:
             items.append(main)
         return self._assemble(header, items)
 
@@ -932,7 +1013,7 @@ class ProgramBuilder:
         verb = rng.choice(RETURN_VERBS.get(returns, OTHER_VERBS))
         noun = rng.choice(NOUNS)
         if returns in (INTS, STRS, COUNTS) or rng.random() < 0.3:
-            noun += "s"
+            noun = plural(noun)
         if rng.random() < 0.4:
             noun = f"{rng.choice(ADJECTIVES)}_{noun}"
         return f"{verb}_{noun}"
@@ -941,7 +1022,12 @@ class ProgramBuilder:
         verb, obj = name.split("_", 1) if "_" in name else (name, "result")
         inputs = " and ".join(words_of(p.name) for p in params[:2]) or "the current state"
         templates = BOOL_SUMMARIES if returns == BOOL else SUMMARIES
-        slots = {"Verb": verb.capitalize(), "verb": verb, "obj": words_of(obj), "inputs": inputs}
+        slots = {
+            "Verb": verb.capitalize(),
+            "verbs": plural(verb),
+            "obj": words_of(obj),
+            "inputs": inputs,
+        }
         return fill(self.rng.choice(templates), slots)
 
     @staticmethod
@@ -973,87 +1059,73 @@ class ProgramBuilder:
         """A class with typed state, either a dataclass or a hand-written __init__, plus a few methods."""
         rng = self.rng
         noun, role = rng.choice(NOUNS), rng.choice(ROLES)
-        name = self._unique(noun.capitalize() + role, self.module_names)
         fields = self._params(1, 3, keyword_only_ok=False)
         state, state_type = rng.choice([s for s in STATE_ATTRS if s[0] not in {f.name for f in fields}])
         attrs = {**self.constants, **{f"self.{f.name}": f.type for f in fields}, f"self.{state}": state_type}
+        plan = ClassPlan(
+            self._unique(noun.capitalize() + role, self.module_names), noun, fields, state, state_type, attrs
+        )
+        plan.method_names.update([*(f.name for f in fields), state])  # a method must not hide an attribute
         as_dataclass = rng.random() < 0.3
-        doc = fill(rng.choice(CLASS_DOCS), {"noun": noun, "Role": role, "role": role.lower()})
-        lines = (["@dataclass"] if as_dataclass else []) + [f"class {name}:", INDENT + f'"""{doc}"""', ""]
-        if as_dataclass:
-            lines += indent([f.render() for f in fields] + [self._state_field(state, state_type)])
-        else:
-            lines += indent(self._init(fields, state, state_type))
-        sized = state_type in (STRS, INTS, COUNTS)
-        kinds = [
-            k for k in METHOD_KINDS if not (k == "repr" and as_dataclass) and not (k == "len" and not sized)
+        doc = fill(
+            rng.choice(CLASS_DOCS), {"noun": noun, "nouns": plural(noun), "Role": role, "role": role.lower()}
+        )
+        lines = (["@dataclass"] if as_dataclass else []) + [
+            f"class {plan.name}:",
+            INDENT + f'"""{doc}"""',
+            "",
         ]
-        mutators: list[tuple[str, list[Param]]] = []
-        method_names = {"__init__"}
+        if as_dataclass:
+            lines += indent([f.render() for f in fields] + [plan.state_field()])
+        else:
+            lines += indent(self._init(plan))
+        kinds = [
+            k for k in METHOD_KINDS if not (k == "repr" and as_dataclass or k == "len" and not plan.sized)
+        ]
         for kind in rng.sample(kinds, rng.randint(1, 3)):
-            method = self._method(kind, name, fields, state, state_type, attrs, method_names, mutators)
-            lines += ["", *indent(method)]
-        self.classes.append((name, fields, mutators))
+            lines += ["", *indent(self._method(kind, plan))]
+        self.classes.append(plan)
         return lines
 
-    @staticmethod
-    def _state_field(state: str, state_type: str) -> str:
-        if state_type in (STRS, INTS):
-            return f"{state}: {state_type} = field(default_factory=list)"
-        if state_type == COUNTS:
-            return f"{state}: {state_type} = field(default_factory=dict)"
-        return f"{state}: {state_type} = {STATE_INIT[state_type]}"
+    def _init(self, plan: ClassPlan) -> list[str]:
+        body = self._validation(plan.fields) + [f"self.{f.name} = {f.name}" for f in plan.fields]
+        body.append(f"self.{plan.state}: {plan.state_type} = {STATE_INIT[plan.state_type]}")
+        return [f"def __init__({self._signature(plan.fields, method=True)}) -> None:", *indent(body)]
 
-    def _init(self, fields: Sequence[Param], state: str, state_type: str) -> list[str]:
-        body = self._validation(fields) + [f"self.{f.name} = {f.name}" for f in fields]
-        body.append(f"self.{state}: {state_type} = {STATE_INIT[state_type]}")
-        return [f"def __init__({self._signature(fields, method=True)}) -> None:", *indent(body)]
-
-    def _method(
-        self,
-        kind: str,
-        class_name: str,
-        fields: Sequence[Param],
-        state: str,
-        state_type: str,
-        attrs: dict[str, str],
-        taken: set[str],
-        mutators: list[tuple[str, list[Param]]],
-    ) -> list[str]:
-        """One method of the requested kind; mutators are recorded so the demo block can call them."""
-        rng = self.rng
-        sized = state_type in (STRS, INTS, COUNTS)
+    def _method(self, kind: str, plan: ClassPlan) -> list[str]:
+        """One method of the requested kind (see METHOD_KINDS)."""
+        rng, state = self.rng, plan.state
         if kind == "query":
-            return self._function(attrs, taken, method=True)[0]
+            return self._function(plan.attrs, plan.method_names, method=True)[0]
         if kind == "staticmethod":
-            return ["@staticmethod", *self._function(self.constants, taken)[0]]
+            return ["@staticmethod", *self._function(self.constants, plan.method_names)[0]]
         if kind == "mutator":
-            return self._mutator(attrs, taken, mutators)
+            return self._mutator(plan)
         if kind == "property":
-            prop = self._unique(
-                rng.choice(("size", "count", "length")) if sized else f"current_{state}", taken
+            name = rng.choice(("size", "count", "length")) if plan.sized else f"current_{state}"
+            value = f"len(self.{state})" if plan.sized else f"self.{state}"
+            doc = (
+                f"Number of {words_of(state)} entries." if plan.sized else f"Current {words_of(state)} value."
             )
-            value = f"len(self.{state})" if sized else f"self.{state}"
-            returns = INT if sized else state_type
-            return ["@property", f"def {prop}(self) -> {returns}:", f'    """Current {words_of(state)} size."""',
-                    f"    return {value}"]  # fmt: skip
+            return ["@property", f"def {self._unique(name, plan.method_names)}(self) -> {INT if plan.sized else plan.state_type}:",
+                    f'    """{doc}"""', f"    return {value}"]  # fmt: skip
         if kind == "len":
             return ["def __len__(self) -> int:", f"    return len(self.{state})"]
         if kind == "classmethod":
-            factory = self._unique(rng.choice(("default", "empty", "sample", "from_defaults")), taken)
-            annotation = class_name if self.future else quote(class_name)
-            args = ", ".join(literal(rng, f.type) or "None" for f in fields)
+            factory = self._unique(
+                rng.choice(("default", "empty", "sample", "from_defaults")), plan.method_names
+            )
+            annotation = plan.name if self.future else quote(plan.name)
+            args = ", ".join(literal(rng, f.type) or "None" for f in plan.fields)
             return ["@classmethod", f"def {factory}(cls) -> {annotation}:",
                     '    """Build an instance with typical settings, handy in tests."""', f"    return cls({args})"]  # fmt: skip
-        shown = ", ".join(f"{f.name}={{self.{f.name}!r}}" for f in fields)
-        return ["def __repr__(self) -> str:", f'    return f"{class_name}({shown})"']
+        shown = ", ".join(f"{f.name}={{self.{f.name}!r}}" for f in plan.fields)
+        return ["def __repr__(self) -> str:", f'    return f"{plan.name}({shown})"']
 
-    def _mutator(
-        self, attrs: dict[str, str], taken: set[str], mutators: list[tuple[str, list[Param]]]
-    ) -> list[str]:
+    def _mutator(self, plan: ClassPlan) -> list[str]:
         """A `-> None` method that updates the instance state from its arguments."""
         rng = self.rng
-        have = Scope(rng, attrs, self.functions).available()
+        have = Scope(rng, plan.attrs, self.functions).available()
         snippet = rng.choice(
             [s for s in MUTATIONS if all(t in have for t in s.needs if t.startswith("self."))]
         )
@@ -1065,18 +1137,17 @@ class ProgramBuilder:
                 params.append(
                     Param(rng.choice([n for n in PARAM_NAMES[concrete] if n not in used]), concrete)
                 )
-        # Only the attributes the template touches and the new params, so the params are what gets stored.
-        touched = {n: t for n, t in attrs.items() if n.startswith("self.") and "self." + t in snippet.needs}
+        # Only the attributes the template touches plus the new params, so the params are what gets stored.
+        touched = {
+            n: t for n, t in plan.attrs.items() if n.startswith("self.") and "self." + t in snippet.needs
+        }
         scope = Scope(rng, {**touched, **{p.name: p.type for p in params}}, self.functions)
-        name = self._unique(f"{rng.choice(MUTATOR_VERBS)}_{rng.choice(NOUNS)}", taken)
-        mutators.append((name, params))
-        doc = docstring(
-            rng, f"{name.split('_')[0].capitalize()} one {words_of(name.split('_', 1)[1])}.", params, None
-        )
-        return [
-            f"def {name}({self._signature(params, method=True)}) -> None:",
-            *indent(doc + expand(snippet, scope)),
-        ]
+        verb, thing = rng.choice(MUTATOR_VERBS), plan.noun if rng.random() < 0.6 else rng.choice(NOUNS)
+        name = self._unique(f"{verb}_{thing}", plan.method_names)
+        plan.mutators.append((name, params))
+        doc = docstring(rng, f"{verb.capitalize()} one {thing}.", params, None)
+        head = f"def {name}({self._signature(params, method=True)}) -> None:"
+        return [head, *indent(doc + expand(snippet, scope))]
 
     def _main(self) -> list[str]:
         """A demo block calling some of the generated code with literal arguments."""
@@ -1087,10 +1158,12 @@ class ProgramBuilder:
             if all(values):
                 call = f"{sig.name}({call_arguments(rng, sig, values)})"
                 lines.append(f"print({call})" if rng.random() < 0.5 else f'print("{sig.name}:", {call})')
-        for class_name, fields, mutators in self.classes[:1]:
-            var = re.sub(r"(?<!^)(?=[A-Z])", "_", class_name).lower()
-            lines.append(f"{var} = {class_name}({', '.join(literal(rng, f.type) or 'None' for f in fields)})")
-            for method, params in mutators[:2]:
+        for plan in self.classes[:1]:
+            var = re.sub(r"(?<!^)(?=[A-Z])", "_", plan.name).lower()
+            lines.append(
+                f"{var} = {plan.name}({', '.join(literal(rng, f.type) or 'None' for f in plan.fields)})"
+            )
+            for method, params in plan.mutators[:2]:
                 lines.append(f"{var}.{method}({', '.join(literal(rng, p.type) or 'None' for p in params)})")
             lines.append(f"print({var})")
         if not lines:
@@ -1105,13 +1178,22 @@ class ProgramBuilder:
 
 
 def generate_program(seed: int, index: int) -> str:
-    """Sample `index` of the corpus for `seed`: a pure function of the pair, never of other samples."""
+    """Sample `index` of the corpus for `seed`: a pure function of the pair, never of other samples.
+
+    The string seed is hashed with SHA-512 by `random.Random`, so it does not depend on PYTHONHASHSEED.
+    """
+    if index < 0:
+        raise ValueError(f"index must be >= 0, got {index}")
     return ProgramBuilder(random.Random(f"{seed}:{index}")).build()
 
 
 def synthetic_documents(num_samples: int = DEFAULT_NUM_SAMPLES, seed: int = 0) -> Iterator[Document]:
-    """Document names are f"synthetic/{index:06d}.py"."""
+    """Document names are f"synthetic/{index:06d}.py".
+
+    Arguments are checked here, at call time, not when iteration starts.
+    """
     if num_samples < 0:
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
-    for index in range(num_samples):
-        yield Document(f"synthetic/{index:06d}.py", generate_program(seed, index))
+    return (
+        Document(f"synthetic/{index:06d}.py", generate_program(seed, index)) for index in range(num_samples)
+    )

@@ -73,7 +73,8 @@ class TextTokenizer:
         return self.tokenizer.encode(text).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch(texts)]
+        """Parallel encode without character offsets (~1.5x faster than `encode_batch`, same ids)."""
+        return [e.ids for e in self.tokenizer.encode_batch_fast(texts)]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)

@@ -1,7 +1,8 @@
 """Held-out loss and bits per byte, and the compressors' bits per byte on the same text.
 
 bpb = total next-token NLL (nats) / (ln 2 x UTF-8 bytes of the predicted tokens): it does not depend
-on the tokenizer, so it is comparable across vocabularies and with gzip/bzip2/xz.
+on the tokenizer, so it is comparable across vocabularies and with gzip/bzip2/xz. Token-id data (no
+text: every token is 0 bytes) has a loss but no bpb, which is then None.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 @dataclass
 class HeldoutScore:
     loss: float  # mean nats per predicted (non end-of-text) token
-    bpb: float
+    bpb: float | None  # None when the tokens stand for no bytes (token-id data)
     tokens: int
     bytes: int
 
@@ -43,9 +44,10 @@ def nll_bytes_sums(
 
 def score_from_sums(sums: torch.Tensor) -> HeldoutScore:
     nll_sum, count, nbytes = (float(v) for v in sums)
-    if count == 0 or nbytes == 0:
+    if count == 0:
         raise ValueError("held-out evaluation saw no tokens")
-    return HeldoutScore(loss=nll_sum / count, bpb=nll_sum / (math.log(2) * nbytes), tokens=int(count), bytes=int(nbytes))
+    bpb = nll_sum / (math.log(2) * nbytes) if nbytes else None
+    return HeldoutScore(loss=nll_sum / count, bpb=bpb, tokens=int(count), bytes=int(nbytes))
 
 
 @torch.no_grad()

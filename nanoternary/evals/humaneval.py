@@ -99,8 +99,15 @@ class EngineCompleter:
         p = self.params
         seed = None if p.seed is None else p.seed + self.calls  # fresh randomness per batch
         self.calls += 1
-        done = self.engine.generate(prompts, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
-                                    top_k=p.top_k, stop=list(p.stop), seed=seed)
+        done = self.engine.generate(
+            prompts,
+            max_tokens=p.max_tokens,
+            temperature=p.temperature,
+            top_p=p.top_p,
+            top_k=p.top_k,
+            stop=list(p.stop),
+            seed=seed,
+        )
         return [c.text for c in done]
 
 
@@ -108,12 +115,21 @@ class EndpointCompleter:
     """POST {endpoint}/completions of any OpenAI-compatible server, one request per distinct prompt
     (`n` = its copies), retrying transport errors, 429 and 5xx with exponential backoff."""
 
-    def __init__(self, endpoint: str, params: SamplingParams, model: str = "nanoternary", api_key: str | None = None,
-                 timeout_s: float = 120.0, retries: int = 3, backoff_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        params: SamplingParams,
+        model: str = "nanoternary",
+        api_key: str | None = None,
+        timeout_s: float = 120.0,
+        retries: int = 3,
+        backoff_s: float = 1.0,
+    ) -> None:
         import httpx
 
         self.endpoint, self.url = endpoint, endpoint.rstrip("/") + "/completions"
         self.params, self.model, self.retries, self.backoff_s = params, model, retries, backoff_s
+        self.requests = 0
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(timeout=timeout_s, headers=headers)
 
@@ -130,26 +146,52 @@ class EndpointCompleter:
         import httpx
 
         p = self.params
-        body = {"model": self.model, "prompt": prompt, "max_tokens": p.max_tokens, "temperature": p.temperature,
-                "top_p": p.top_p, "n": n, "stop": list(p.stop), "seed": p.seed}
-        for attempt in range(self.retries + 1):
-            last = attempt == self.retries
+        seed = None if p.seed is None else p.seed + self.requests  # a re-ask must not repeat the samples
+        self.requests += 1
+        body = {
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": p.max_tokens,
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+            "n": n,
+            "stop": list(p.stop),
+            "seed": seed,
+        }
+        attempt = 0
+        while True:
             try:
                 response = self.client.post(self.url, json=body)
             except httpx.TransportError as exc:
-                if last:
-                    raise EndpointError(f"cannot reach endpoint {self.endpoint}: {exc}") from exc
+                error = EndpointError(f"cannot reach endpoint {self.endpoint}: {exc}")
             else:
                 if response.status_code == 200:
-                    choices = sorted(response.json()["choices"], key=lambda c: c.get("index", 0))
-                    if not choices:
-                        raise EndpointError(f"{self.url} returned no choices")
-                    return [c["text"] for c in choices]
-                retriable = response.status_code == 429 or response.status_code >= 500
-                if last or not retriable:
-                    raise EndpointError(f"{self.url} answered {response.status_code}: {response.text[:300]}")
+                    return self._texts(response)
+                error = EndpointError(f"{self.url} answered {response.status_code}: {response.text[:300]}")
+                if response.status_code != 429 and response.status_code < 500:
+                    raise error
+            if attempt == self.retries:
+                raise error
             time.sleep(self.backoff_s * 2**attempt)
-        raise AssertionError("unreachable: the last attempt returns or raises")
+            attempt += 1
+
+    def _texts(self, response: Any) -> list[str]:
+        try:
+            choices = sorted(response.json()["choices"], key=lambda c: c.get("index", 0))
+            texts = [c["text"] for c in choices]
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise EndpointError(f"{self.url} returned no completions: {response.text[:300]}") from exc
+        if not texts:
+            raise EndpointError(f"{self.url} returned no completions: {response.text[:300]}")
+        return texts
+
+
+def require_opt_in(allow_code_execution: bool) -> None:
+    if not allow_code_execution:
+        raise CodeExecutionNotAllowed(
+            "HumanEval runs model-generated code on this machine; the sandbox limits the damage but is not "
+            "a security boundary. Read the README's warning, then pass allow_code_execution=true."
+        )
 
 
 def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -159,7 +201,7 @@ def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
 
 
 def category(result: str) -> str:
-    """"passed", "timed out", or the error of a "failed: <error>[: <detail>]" result."""
+    """ "passed", "timed out", or the error of a "failed: <error>[: <detail>]" result."""
     return result.split(": ")[1] if result.startswith("failed: ") else result
 
 
@@ -198,11 +240,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Generate the missing samples in batches, execute each in the sandbox on `workers` threads
     while the next batch is generated, append each record to `samples_file`; return the summary."""
-    if not allow_code_execution:
-        raise CodeExecutionNotAllowed(
-            "HumanEval runs model-generated code on this machine; the sandbox limits the damage but is not "
-            "a security boundary. Read the README's warning, then pass allow_code_execution=true."
-        )
+    require_opt_in(allow_code_execution)
     from tqdm import tqdm
 
     started = time.perf_counter()
@@ -213,14 +251,20 @@ def evaluate(
     isolation = probe(limits)
     lock, generation_s = threading.Lock(), 0.0
     bar = tqdm(total=len(todo), desc="humaneval", unit="sample", disable=not progress)
-    with samples_file.open("a") as out, ThreadPoolExecutor(workers or os.cpu_count()) as pool:
+    pool = ThreadPoolExecutor(workers or os.cpu_count())
+    with samples_file.open("a") as out:
 
         def record(problem: Problem, sample: int, completion: str, future: Future[Outcome]) -> None:
-            if future.exception() is not None:
+            if future.cancelled() or future.exception() is not None:
                 return
             outcome = future.result()
-            rec = {"task_id": problem.task_id, "sample": sample, "completion": completion,
-                   "passed": outcome.passed, "result": outcome.result}
+            rec = {
+                "task_id": problem.task_id,
+                "sample": sample,
+                "completion": completion,
+                "passed": outcome.passed,
+                "result": outcome.result,
+            }
             with lock:
                 out.write(json.dumps(rec) + "\n")
                 out.flush()
@@ -228,31 +272,36 @@ def evaluate(
                 bar.update(1)
 
         futures = []
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            tic = time.perf_counter()
-            completions = completer.generate([p.prompt for p, _ in batch])
-            generation_s += time.perf_counter() - tic
-            for (problem, sample), text in zip(batch, completions, strict=True):
-                completion = truncate_at_stop(text, stop)
-                future = pool.submit(run_program, problem.program(completion), limits)
-                future.add_done_callback(lambda f, p=problem, s=sample, c=completion: record(p, s, c, f))
-                futures.append(future)
-        for future in futures:
-            future.result()  # re-raise a sandbox crash here rather than lose it in a callback
-    bar.close()
+        try:
+            for start in range(0, len(todo), batch_size):
+                batch = todo[start : start + batch_size]
+                tic = time.perf_counter()
+                completions = completer.generate([p.prompt for p, _ in batch])
+                generation_s += time.perf_counter() - tic
+                for (problem, sample), text in zip(batch, completions, strict=True):
+                    completion = truncate_at_stop(text, stop)
+                    future = pool.submit(run_program, problem.program(completion), limits)
+                    future.add_done_callback(lambda f, p=problem, s=sample, c=completion: record(p, s, c, f))
+                    futures.append(future)
+            for future in futures:
+                future.result()  # re-raise a sandbox crash here rather than lose it in a callback
+        finally:  # on Ctrl-C or an endpoint error: finish (and record) what runs, drop the queue
+            pool.shutdown(wait=True, cancel_futures=True)
+            bar.close()
+    elapsed = time.perf_counter() - started
     return summarize(records, problems, num_samples, ks) | {
-        "wall_time_s": round(time.perf_counter() - started, 3),
+        "wall_time_s": round(elapsed, 3),
         "generation_time_s": round(generation_s, 3),
-        "seconds_per_problem": round((time.perf_counter() - started) / max(1, len(problems)), 4),
+        "seconds_per_problem": round(elapsed / max(1, len(problems)), 4),
         "executed_now": len(todo),
         "resumed": len(problems) * num_samples - len(todo),
         "isolation": isolation,
     }
 
 
-def summarize(records: dict[tuple[str, int], dict], problems: Sequence[Problem], num_samples: int,
-              ks: Sequence[int]) -> dict[str, Any]:
+def summarize(
+    records: dict[tuple[str, int], dict], problems: Sequence[Problem], num_samples: int, ks: Sequence[int]
+) -> dict[str, Any]:
     """pass@k (unbiased) and the share of each result category over the first `num_samples`
     samples of every problem."""
     chosen = [records[(p.task_id, i)] for p in problems for i in range(num_samples)]

@@ -38,10 +38,12 @@ _RESULT_CAP = 64 * 1024  # bytes of the child's report kept; anything beyond is 
 _GRACE_S = 10.0  # the host's backstop over the supervisor's own timeout (interpreter start-up included)
 
 _CLONE_NEWNS, _CLONE_NEWUSER, _CLONE_NEWPID, _CLONE_NEWNET = 0x20000, 0x10000000, 0x20000000, 0x40000000
-_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_BIND, _MS_REC, _MS_PRIVATE = 1, 2, 4, 8, 0x1000, 0x4000, 1 << 18
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
+_MS_BIND, _MS_REC, _MS_PRIVATE = 0x1000, 0x4000, 1 << 18
 _MOUNT_ATTR_RDONLY, _MOUNT_ATTR_NOSUID, _MOUNT_ATTR_NODEV = 1, 2, 4
 _AT_FDCWD, _AT_RECURSIVE, _SYS_MOUNT_SETATTR = -100, 0x8000, 442  # 442 on x86_64 and the generic table
 _PR_SET_PDEATHSIG, _PR_SET_NO_NEW_PRIVS = 1, 38
+_LINUX = sys.platform.startswith("linux")
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ class Outcome:
 
     @property
     def result(self) -> str:
-        """"passed", "timed out" or "failed: <error>[: <detail>]" (the error never holds a colon)."""
+        """ "passed", "timed out" or "failed: <error>[: <detail>]" (the error never holds a colon)."""
         if self.status != "failed":
             return self.status
         return f"failed: {self.error}: {self.detail}" if self.detail else f"failed: {self.error}"
@@ -90,7 +92,12 @@ def run_program(program: str, limits: Limits = DEFAULT_LIMITS) -> Outcome:
         proc = subprocess.Popen(
             [sys.executable, "-I", "-S", "-B", str(Path(__file__).resolve()), spec],
             cwd=workdir,
-            env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LC_ALL": "C.UTF-8"},
+            env={
+                "PATH": "/usr/local/bin:/usr/bin:/bin",
+                "HOME": workdir,
+                "TMPDIR": workdir,
+                "LC_ALL": "C.UTF-8",
+            },
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -111,16 +118,24 @@ def run_program(program: str, limits: Limits = DEFAULT_LIMITS) -> Outcome:
 
 
 def probe(limits: Limits = DEFAULT_LIMITS) -> dict[str, str]:
-    """Which protection layers this machine grants: network, processes, filesystem, user."""
-    return run_program("pass\n", limits).isolation
+    """Which protection layers this machine grants (network, processes, filesystem, user); raises
+    if the sandbox cannot run even a trivial program, which would otherwise score as all-failed."""
+    outcome = run_program("pass\n", limits)
+    if not outcome.passed:
+        raise RuntimeError(f"the sandbox cannot run a trivial program: {outcome.result}")
+    return outcome.isolation
 
 
 # --- everything below runs in the supervisor or the program's process, never in the host ---------
 
 
 class _MountAttr(ctypes.Structure):
-    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
-                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
 
 
 def _check(result: int, what: str) -> None:
@@ -130,22 +145,34 @@ def _check(result: int, what: str) -> None:
 
 
 def _mount(libc: ctypes.CDLL, source: str | None, target: str, fstype: str | None, flags: int) -> None:
-    encode = lambda s: None if s is None else s.encode()  # noqa: E731
-    _check(libc.mount(encode(source), encode(target), encode(fstype), ctypes.c_ulong(flags), None), f"mount {target}")
+    args = [None if s is None else s.encode() for s in (source, target, fstype)]
+    _check(libc.mount(*args, ctypes.c_ulong(flags), None), f"mount {target}")
 
 
 def _mount_setattr(libc: ctypes.CDLL, path: str, flags: int, attr: _MountAttr) -> None:
-    _check(libc.syscall(ctypes.c_long(_SYS_MOUNT_SETATTR), ctypes.c_int(_AT_FDCWD), path.encode(),
-                        ctypes.c_uint(flags), ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr))),
-           f"mount_setattr {path}")
+    _check(
+        libc.syscall(
+            ctypes.c_long(_SYS_MOUNT_SETATTR),
+            ctypes.c_int(_AT_FDCWD),
+            path.encode(),
+            ctypes.c_uint(flags),
+            ctypes.byref(attr),
+            ctypes.c_size_t(ctypes.sizeof(attr)),
+        ),
+        f"mount_setattr {path}",
+    )
 
 
 def _isolate(libc: ctypes.CDLL, workdir: str) -> dict[str, str]:
     """Enter new network, pid and mount namespaces; make every mount but `workdir` read-only."""
     uid, gid = os.geteuid(), os.getegid()
-    layers = {"network": "in-process guard only", "processes": "own session",
-              "filesystem": "in-process guard only", "user": "root" if uid == 0 else f"uid {uid}"}
-    if not sys.platform.startswith("linux"):
+    layers = {
+        "network": "in-process guard only",
+        "processes": "own session",
+        "filesystem": "in-process guard only",
+        "user": "root" if uid == 0 else f"uid {uid}",
+    }
+    if not _LINUX:
         return layers
     flags = _CLONE_NEWNET | _CLONE_NEWPID | _CLONE_NEWNS | (0 if uid == 0 else _CLONE_NEWUSER)
     try:
@@ -180,7 +207,10 @@ def _drop_privileges(uid: int, workdir: str) -> None:
     """Become `uid` (RLIMIT_NPROC applies, no host file or process is ours), importing the standard
     library from its read-only bind mount in `workdir` since its real path may be unreadable."""
     stdlib, alias = os.path.dirname(os.__file__), os.path.join(workdir, _STDLIB_ALIAS)
-    moved = lambda p: alias + p[len(stdlib):] if p.startswith(stdlib) else p  # noqa: E731
+
+    def moved(path: str) -> str:
+        return alias + path[len(stdlib) :] if path.startswith(stdlib) else path
+
     sys.path[:] = [moved(p) for p in sys.path]
     for module in list(sys.modules.values()):
         if isinstance(getattr(module, "__path__", None), list):
@@ -194,9 +224,13 @@ def _drop_privileges(uid: int, workdir: str) -> None:
 
 def _set_limits(spec: dict) -> None:
     cpu = math.ceil(spec["timeout_s"]) + 1
-    for which, value in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, spec["memory_mb"] << 20),
-                         (resource.RLIMIT_FSIZE, spec["max_file_mb"] << 20),
-                         (resource.RLIMIT_NPROC, spec["max_processes"]), (resource.RLIMIT_CORE, 0)):
+    for which, value in (
+        (resource.RLIMIT_CPU, cpu),
+        (resource.RLIMIT_AS, spec["memory_mb"] << 20),
+        (resource.RLIMIT_FSIZE, spec["max_file_mb"] << 20),
+        (resource.RLIMIT_NPROC, spec["max_processes"]),
+        (resource.RLIMIT_CORE, 0),
+    ):
         resource.setrlimit(which, (value, value))
 
 
@@ -207,19 +241,17 @@ def _disable_destructive() -> None:
     import socket
 
     disabled = {
-        os: ("kill", "killpg", "system", "popen", "fork", "forkpty", "execv", "execve", "execl", "execle",
-             "execlp", "execlpe", "execvp", "execvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnv",
-             "spawnve", "spawnvp", "spawnvpe", "posix_spawn", "posix_spawnp", "remove", "unlink", "rmdir",
-             "removedirs", "rename", "renames", "replace", "truncate", "chmod", "fchmod", "lchmod", "chown",
-             "fchown", "lchown", "chroot", "chdir", "fchdir", "link", "symlink", "putenv", "unsetenv",
-             "setuid", "setgid", "setresuid", "setresgid", "setsid", "setpgid"),
-        shutil: ("rmtree", "move", "chown"),
-        subprocess: ("Popen", "run", "call", "check_call", "check_output", "getoutput", "getstatusoutput"),
-        socket: ("socket", "socketpair", "create_connection", "create_server", "fromfd"),
-        builtins: ("exit", "quit", "help"),
+        os: """kill killpg system popen fork forkpty execv execve execl execle execlp execlpe execvp execvpe
+            spawnl spawnle spawnlp spawnlpe spawnv spawnve spawnvp spawnvpe posix_spawn posix_spawnp remove
+            unlink rmdir removedirs rename renames replace truncate chmod fchmod lchmod chown fchown lchown
+            chroot chdir fchdir link symlink putenv unsetenv setuid setgid setresuid setresgid setsid setpgid""",
+        shutil: "rmtree move chown",
+        subprocess: "Popen run call check_call check_output getoutput getstatusoutput",
+        socket: "socket socketpair create_connection create_server fromfd",
+        builtins: "exit quit help",
     }
     for module, names in disabled.items():
-        for name in names:
+        for name in names.split():
             if hasattr(module, name):
                 setattr(module, name, None)
     for name in ("multiprocessing", "concurrent.futures.process", "resource", "pty"):
@@ -240,14 +272,19 @@ def _describe(exc: BaseException, source: str) -> dict[str, str]:
     lines = source.splitlines()
     if not message and 0 < lineno <= len(lines):
         message = lines[lineno - 1].strip()
-    detail = f"{message} (line {lineno})" if lineno else message
-    return {"status": "failed", "error": type(exc).__name__, "detail": detail[:300]}
+    message = message if len(message) <= 240 else message[:237] + "..."
+    return {
+        "status": "failed",
+        "error": type(exc).__name__,
+        "detail": f"{message} (line {lineno})" if lineno else message,
+    }
 
 
 def _run_child(source: str, report_fd: int, devnull: int, spec: dict, isolation: dict[str, str]) -> None:
     """The program's process: lock down, run, report on `report_fd`, exit. Never returns."""
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if _LINUX:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     os.setsid()
     contained = isolation["filesystem"].startswith("read-only")
     if contained:
@@ -258,8 +295,9 @@ def _run_child(source: str, report_fd: int, devnull: int, spec: dict, isolation:
     if contained and os.geteuid() == 0:
         _drop_privileges(spec["uid"], os.getcwd())
     _disable_destructive()
-    libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # a uid change clears it
+    if _LINUX:
+        libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # a uid change clears it
     sys.argv = [_PROGRAM_NAME]
     try:
         exec(compile(source, _PROGRAM_NAME, "exec"), {"__name__": "__main__"})  # noqa: S102 - the point
@@ -293,7 +331,10 @@ def _verdict(status: int, usage: resource.struct_rusage, report: bytes, cpu_limi
         if sig in (signal.SIGKILL, signal.SIGXCPU) and usage.ru_utime + usage.ru_stime >= cpu_limit - 0.5:
             return {"status": "timed out"}
         return {"status": "failed", "error": f"killed by {signal.Signals(sig).name}"}
-    return {"status": "failed", "error": f"exited with status {os.WEXITSTATUS(status)} before check() finished"}
+    return {
+        "status": "failed",
+        "error": f"exited with status {os.WEXITSTATUS(status)} before check() finished",
+    }
 
 
 def _supervise(spec: dict) -> dict:
@@ -309,7 +350,10 @@ def _supervise(spec: dict) -> dict:
         try:
             _run_child(source, write_fd, devnull, spec, isolation)
         except BaseException as exc:  # noqa: BLE001 - set-up failed before the program ran
-            os.write(write_fd, json.dumps({"status": "failed", "error": "sandbox error", "detail": repr(exc)}).encode())
+            os.write(
+                write_fd,
+                json.dumps({"status": "failed", "error": "sandbox error", "detail": repr(exc)}).encode(),
+            )
         finally:
             os._exit(70)
     os.close(write_fd)
@@ -328,7 +372,10 @@ def _supervise(spec: dict) -> dict:
         if ready:
             open_ = _read_some(read_fd, report)
     _read_some(read_fd, report)
-    return {**_verdict(status, usage, bytes(report), math.ceil(spec["timeout_s"]) + 1), "isolation": isolation}
+    return {
+        **_verdict(status, usage, bytes(report), math.ceil(spec["timeout_s"]) + 1),
+        "isolation": isolation,
+    }
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ It holds everything needed to rebuild the model without Lightning, the training 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import subprocess
@@ -62,6 +63,7 @@ def save_export(path: str | Path, model: TernaryLM, tokenizer: TextTokenizer, me
     }
     with atomic_dir(path) as tmp:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        full_meta["weights_sha256"] = sha256_file(tmp / WEIGHTS)  # catches bit rot that safetensors cannot
         (tmp / META).write_text(json.dumps(full_meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (tmp / TOKENIZER).write_text(tokenizer.to_json(), encoding="utf-8")
     return path
@@ -82,11 +84,25 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[TernaryLM, dict, TextTokenizer]:
-    """Rebuild (model in eval mode, meta, tokenizer) from a model folder, with one clear error per fault."""
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_export(
+    path: str | Path, device: str | torch.device = "cpu", verify: bool = True
+) -> tuple[TernaryLM, dict, TextTokenizer]:
+    """Rebuild (model in eval mode, meta, tokenizer) from a model folder, with one clear error per fault.
+    `verify` checks the weights against the sha256 in meta.json (one extra read of the file)."""
     path = Path(path)
     meta = read_meta(path)
-    model = TernaryLM(ModelConfig.from_dict(meta["model"]))
+    try:
+        model = TernaryLM(ModelConfig.from_dict(meta["model"]))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path / META} has an invalid model config: {exc}") from exc
     weights = path / WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"model weights missing: {weights}")
@@ -94,6 +110,8 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[T
         state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"corrupt weights file {weights}: {exc}") from exc
+    if verify and meta.get("weights_sha256") and sha256_file(weights) != meta["weights_sha256"]:
+        raise ValueError(f"corrupt weights file {weights}: its sha256 does not match the one in {path / META}")
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatch
@@ -104,4 +122,8 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[T
             f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
         )
     tokenizer = TextTokenizer.from_file(path / TOKENIZER)
+    if meta.get("tokenizer_hash") and tokenizer.fingerprint != meta["tokenizer_hash"]:
+        raise ValueError(f"{path / TOKENIZER} is not the tokenizer this model was trained with: its fingerprint "
+                         f"{tokenizer.fingerprint[:12]}... differs from tokenizer_hash {meta['tokenizer_hash'][:12]}... "
+                         f"in {path / META}")
     return model.to(device).eval(), meta, tokenizer

@@ -6,6 +6,7 @@ gradient accumulation, one global grad-norm clip and both optimizer steps itself
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -15,11 +16,15 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from nanoternary.evals.bpb import nll_bytes_sums, score_from_sums
+from nanoternary.lit.log_due import logs_due
+from nanoternary.lit.nan_guard import NonFiniteGuard
 from nanoternary.model.bitlinear import BitLinear
 from nanoternary.model.config import ModelConfig
+from nanoternary.model.mhc import MHCProbe
 from nanoternary.model.transformer import TernaryLM
-from nanoternary.optim.grouping import split_params
-from nanoternary.optim.lion import Lion
+from nanoternary.optim.factory import make_optimizers
+
+log = logging.getLogger(__name__)
 
 def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of a (batch, seq + 1) token block (end-of-text is a target too)."""
@@ -39,10 +44,15 @@ class LitTernaryLM(L.LightningModule):
         token_bytes: list[int] | None = None,
         eot_id: int | None = None,
         compile: bool = False,
+        max_nonfinite_steps: int = 10,
     ) -> None:
         super().__init__()
         model, optim = to_container(model), to_container(optim)
-        self.save_hyperparameters(dict(model=model, optim=optim, token_bytes=token_bytes, eot_id=eot_id, compile=compile))
+        self.save_hyperparameters(dict(model=model, optim=optim, token_bytes=token_bytes, eot_id=eot_id, compile=compile,
+                                       max_nonfinite_steps=max_nonfinite_steps))
+        self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
+        self.stop_reason: str | None = None
+        self._loss_sum: torch.Tensor | None = None
         self.automatic_optimization = False
         self.model_config = ModelConfig.from_dict(model)
         self.model = TernaryLM(self.model_config)
@@ -61,21 +71,7 @@ class LitTernaryLM(L.LightningModule):
 
     # ---- optimizers -------------------------------------------------------------------------
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        name = self.optim_cfg["name"]
-        if name == "adamw":
-            cfg = self.optim_cfg["adamw"]
-            return [torch.optim.AdamW(self.model.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]),
-                                      weight_decay=cfg["weight_decay"])]
-        if name != "muon_lion":
-            raise ValueError(f"unknown optim.name {name!r}; expected 'muon_lion' or 'adamw'")
-        muon_params, lion_params = split_params(self.model)
-        m, li = self.optim_cfg["muon"], self.optim_cfg["lion"]
-        muon = torch.optim.Muon(
-            muon_params, lr=m["lr"], weight_decay=m["weight_decay"], momentum=m["momentum"],
-            nesterov=m["nesterov"], ns_steps=m["ns_steps"], adjust_lr_fn=m["adjust_lr_fn"],
-        )
-        lion = Lion(lion_params, lr=li["lr"], betas=tuple(li["betas"]), weight_decay=li["weight_decay"])
-        return [muon, lion]
+        return make_optimizers(self.model, self.optim_cfg)
 
     def optimizer_names(self) -> list[str]:
         return ["adamw"] if self.optim_cfg["name"] == "adamw" else ["muon", "lion"]
@@ -86,33 +82,82 @@ class LitTernaryLM(L.LightningModule):
         opts = opts if isinstance(opts, list) else [opts]
         loss = self.train_loss_fn(self.model, batch)
         self.manual_backward(loss / self.accumulate)
+        first = batch_idx % self.accumulate == 0
+        self._loss_sum = loss.detach() if first or self._loss_sum is None else self._loss_sum + loss.detach()
         if (batch_idx + 1) % self.accumulate == 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg["grad_clip"])
+            finite = self.step_is_finite(grad_norm)
+            if not finite:  # drop the gradients: the wrapped step below then counts the step, changes nothing
+                for opt in opts:
+                    opt.zero_grad(set_to_none=True)
             # Only the first optimizer steps through Lightning's wrapper: each wrapped step() advances
             # trainer.global_step, and one training step must count once for max_steps to be exact.
             opts[0].step()
-            for opt in opts[1:]:
-                opt.optimizer.step()
+            if finite:
+                for opt in opts[1:]:
+                    opt.optimizer.step()
             for opt in opts:
                 opt.zero_grad(set_to_none=True)
             self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False)
+            if logs_due(self.trainer):
+                self.log("train/skipped_steps", float(self.nonfinite.skipped), on_step=True, on_epoch=False)
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
+
+    def step_is_finite(self, grad_norm: torch.Tensor) -> bool:
+        """The NaN/inf guard: one host sync per optimizer step (none per micro-batch). The same answer on
+        every rank: the gradient norm is global and the loss sums are reduced."""
+        check = grad_norm.detach() + self._loss_sum  # a NaN or inf in either makes the sum non-finite
+        if self.trainer.world_size > 1:
+            check = self.trainer.strategy.reduce(check, reduce_op="sum")
+        finite = bool(torch.isfinite(check))
+        self.nonfinite.record(finite)
+        if not finite:
+            step = self.trainer.global_step + 1
+            log.warning("step %d: non-finite loss or gradient norm, optimizer step skipped (%d in a row, %d in all)",
+                        step, self.nonfinite.consecutive, self.nonfinite.skipped)
+            if self.nonfinite.exhausted:
+                self.request_stop(
+                    f"{self.nonfinite.consecutive} optimizer steps in a row (up to step {step}) had a non-finite "
+                    f"loss or gradient norm; each was skipped, so the weights are the last finite ones. Lower the "
+                    f"learning rate or resume from an earlier checkpoint (max_nonfinite_steps="
+                    f"{self.nonfinite.max_consecutive})"
+                )
+        return finite
+
+    def request_stop(self, reason: str) -> None:
+        """End training cleanly after this batch: no final export, and the CLI exits non-zero with
+        `reason`. The first reason given is the one reported."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            log.error("training stops: %s", reason)
+        self.trainer.should_stop = True
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["nonfinite_guard"] = self.nonfinite.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.nonfinite.load_state_dict(checkpoint.get("nonfinite_guard", {}))
 
     # ---- validation -------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
         self._val_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        self._mhc_probe = MHCProbe(self.model)
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        self._val_sums += nll_bytes_sums(self.model, batch, self.token_bytes, self.eot_id)
+        with self._mhc_probe:
+            self._val_sums += nll_bytes_sums(self.model, batch, self.token_bytes, self.eot_id)
 
     def on_validation_epoch_end(self) -> None:
         sums = self.all_gather(self._val_sums).reshape(-1, 3).sum(0) if self.trainer.world_size > 1 else self._val_sums
         score = score_from_sums(sums)
         self.log("val/loss", score.loss)
         self.log("val/ppl", math.exp(min(score.loss, 50.0)))
-        self.log("val/bpb", score.bpb)
+        if score.bpb is not None:  # undefined for token-id data (no bytes)
+            self.log("val/bpb", score.bpb)
         self.log("quant/zero_frac", zero_fraction(self.model))
+        for name, value in self._mhc_probe.summary().items():  # this rank's held-out windows
+            self.log(name, value)
 
 
 @torch.no_grad()

@@ -26,6 +26,11 @@ class MHCConfig:
             raise ValueError(f"model.mhc.mode must be one of {MHC_MODES}, got {self.mode!r}")
         if self.mode == "seed" and self.n_streams != 2:
             raise ValueError("model.mhc.mode='seed' is the original system's 2-stream variant: set n_streams=2")
+        if self.mode == "dynamic" and self.n_streams > 1 and not self.gate_init:
+            raise ValueError(
+                "model.mhc.gate_init must be non-zero in dynamic mode: a zero gate times a zero-initialised "
+                "projection never receives a gradient"
+            )
 
 
 @dataclass

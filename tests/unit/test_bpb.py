@@ -35,3 +35,11 @@ def test_bpb_arithmetic_by_hand():
     assert score.bpb == pytest.approx(3 * 2 / 8)  # 2 bits per token, 8 bytes
     with pytest.raises(ValueError, match="saw no tokens"):
         score_from_sums(torch.zeros(3))
+
+
+def test_token_id_data_has_a_loss_but_no_bits_per_byte():
+    # every token stands for 0 bytes (no text): the loss is defined, bits per byte is not
+    batch = torch.tensor([[1, 2, 0, 3, 3]])
+    score = score_from_sums(nll_bytes_sums(Uniform(), batch, torch.zeros(4, dtype=torch.long), eot_id=None))
+    assert score.loss == pytest.approx(math.log(4)) and score.tokens == 4
+    assert score.bpb is None and score.bytes == 0

@@ -1,4 +1,5 @@
-"""Model folders during and at the end of training: export/step-XXXXXXXX/ and export/final/.
+"""The model folder at the end of training, export/final/ (the checkpoint callback writes the
+export/step-XXXXXXXX/ folders through `write`).
 
 The final folder carries the full held-out score (every held-out token, not the sampled subset that
 periodic validation uses), so meta.json states exactly what the run achieved.
@@ -19,16 +20,10 @@ from nanoternary.io.export_dir import save_export
 log = logging.getLogger(__name__)
 
 
-def step_dir_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
 class ModelExport(L.Callback):
-    def __init__(self, dirpath: str, every_n_steps: int = 0, final_eval: bool = True, run_summary: dict | None = None):
-        if every_n_steps < 0:
-            raise ValueError(f"export.every_n_steps must be >= 0 (0 = only final), got {every_n_steps}")
+    def __init__(self, dirpath: str, final_eval: bool = True, run_summary: dict | None = None):
         self.dirpath = Path(dirpath)
-        self.every_n_steps, self.final_eval = every_n_steps, final_eval
+        self.final_eval = final_eval
         self.run_summary = run_summary or {}
         self.final_path: Path | None = None
         self.final_meta: dict[str, Any] | None = None
@@ -54,22 +49,16 @@ class ModelExport(L.Callback):
         path = save_export(self.dirpath / name, pl_module.model, trainer.datamodule.prepare().tokenizer, meta)
         return path
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        step = trainer.global_step
-        if self.every_n_steps and step and step % self.every_n_steps == 0 and trainer.is_global_zero:
-            if not (self.dirpath / step_dir_name(step)).exists():
-                self.write(trainer, pl_module, step_dir_name(step))
-
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
+        if not trainer.is_global_zero or getattr(pl_module, "stop_reason", None):
+            return  # a run stopped by a guard (disk full, non-finite loss) gets no final/ folder
         extra: dict[str, Any] = {}
         if self.final_eval:
             was_training = pl_module.training
             pl_module.eval()
             with torch.autocast(pl_module.device.type, enabled=False):
                 score = evaluate_heldout(
-                    pl_module.model, trainer.datamodule.val_dataloader(), pl_module.token_bytes, pl_module.eot_id
+                    pl_module.model, trainer.datamodule.heldout_dataloader(), pl_module.token_bytes, pl_module.eot_id
                 )
             pl_module.train(was_training)
             extra = {"val_loss": score.loss, "val_bpb": score.bpb, "val_tokens": score.tokens, "val_bytes": score.bytes}

@@ -6,6 +6,8 @@ import math
 
 import lightning as L
 
+from nanoternary.lit.log_due import logs_due
+
 DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
 
 
@@ -77,4 +79,5 @@ class WSDSchedule(L.Callback):
         for opt, name in zip(trainer.optimizers, pl_module.optimizer_names(), strict=True):
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * mult
-            pl_module.log(f"train/lr_{name}", opt.param_groups[0]["lr"], on_step=True, on_epoch=False)
+            if logs_due(trainer):
+                pl_module.log(f"train/lr_{name}", opt.param_groups[0]["lr"], on_step=True, on_epoch=False)

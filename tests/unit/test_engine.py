@@ -1,0 +1,165 @@
+"""The inference engine on real model folders: exact logits, KV-cached decode, batching, generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nanoternary.infer.engine import Engine, Generation
+from nanoternary.infer.kernels import TernaryLinear, pack_codes, unpack_codes
+from nanoternary.infer.sampling import SamplingParams
+from nanoternary.io.tensors import ModelTensors, TernaryTensor
+from nanoternary.model.config import ModelConfig
+from tests.models import assert_same_logits, random_model
+
+CODE = "def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n"
+SMALL = ModelConfig(n_layers=2, context_length=64, sub_norms=True, group_size=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(code_corpus):
+    return code_corpus[1].tokenizer
+
+
+@pytest.fixture(scope="module")
+def small_engine(tokenizer):
+    return Engine(ModelTensors.from_model(random_model(SMALL), tokenizer))
+
+
+def test_int8_and_fp32_backends_agree_exactly_on_integer_sums():
+    torch.manual_seed(0)
+    codes = torch.randint(-1, 2, (96, 256), dtype=torch.int8)
+    weight = TernaryTensor(codes, torch.tensor([[0.0123]]))
+    x = torch.randn(5, 256)
+    fast, ref = TernaryLinear(weight, "int8"), TernaryLinear(weight, "fp32")
+    assert fast.backend == "int8" and ref.backend == "fp32"
+    assert torch.allclose(fast(x), ref(x), rtol=1e-6, atol=1e-6)
+    grouped = TernaryLinear(TernaryTensor(codes, torch.rand(96, 2) + 0.01), "int8")
+    assert grouped.backend == "fp32"  # int8 needs one scale per row or tensor
+
+
+def test_packed_codes_round_trip():
+    codes = torch.randint(-1, 2, (7, 13), dtype=torch.int8)
+    packed = pack_codes(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (7, 4)
+    assert torch.equal(unpack_codes(packed, 13), codes)
+
+
+def test_incremental_decode_matches_full_prefill(small_engine, tokenizer):
+    ids = tokenizer.encode(CODE)
+    full = small_engine.score(ids)
+    seq = small_engine.start(ids[:3])
+    rows = [small_engine.step([seq])[0]]
+    for t in ids[3:]:
+        small_engine.append(seq, t)
+        rows.append(small_engine.step([seq])[0])
+    decoded = torch.stack(rows)
+    assert torch.equal(decoded.argmax(-1), full[2:].argmax(-1))
+    assert_same_logits(decoded, full[2:])
+
+
+def test_one_step_prefills_and_decodes_sequences_of_different_lengths(small_engine, tokenizer):
+    a_ids, b_ids, c_ids = tokenizer.encode(CODE), tokenizer.encode("import os\n"), tokenizer.encode("x = [")
+    a = small_engine.start(a_ids[:-1])
+    small_engine.step([a])
+    small_engine.append(a, a_ids[-1])  # a decodes one position while b and c are prefilled
+    b, c = small_engine.start(b_ids), small_engine.start(c_ids)
+    logits = small_engine.step([b, a, c])
+    assert logits.shape == (3, SMALL.vocab_size) and logits.dtype == torch.float32
+    want = torch.stack([small_engine.score(ids)[-1] for ids in (b_ids, a_ids, c_ids)])
+    assert_same_logits(logits, want)
+    assert a.cached == len(a_ids) and b.prefilled and c.cached == len(c_ids)
+
+
+def test_batched_greedy_generation_equals_one_prompt_at_a_time(small_engine):
+    prompts = ["def add(a, b):", "import", "class Foo:\n    def __init__(self):"]
+    batched = small_engine.generate(prompts, max_tokens=12)
+    for prompt, done in zip(prompts, batched, strict=True):
+        alone = small_engine.generate([prompt], max_tokens=12)[0]
+        assert done.token_ids == alone.token_ids and done.text == alone.text
+        assert done.prompt_tokens == len(small_engine.tokenizer.encode(prompt))
+        assert done.finish_reason in ("stop", "length")
+        if done.finish_reason == "length":
+            assert done.completion_tokens == 12 == len(done.token_ids)
+    assert "".join(small_engine.stream(prompts[0], max_tokens=12)) == batched[0].text
+
+
+def test_seeded_sampling_is_reproducible_and_repeated_prompts_differ(small_engine):
+    kwargs = dict(max_tokens=16, temperature=1.5, top_k=200, seed=11)
+    first = small_engine.generate(["def", "def"], **kwargs)
+    again = small_engine.generate(["def", "def"], **kwargs)
+    assert [c.token_ids for c in first] == [c.token_ids for c in again]
+    assert first[0].token_ids != first[1].token_ids  # prompt i samples with seed + i
+
+
+def logits_for(token: int, vocab: int) -> torch.Tensor:
+    row = torch.zeros(vocab)
+    row[token] = 10.0
+    return row
+
+
+def feed_tokens(engine: Engine, tokens: list[int], stop: list[str], max_tokens: int = 20) -> tuple[Generation, list[str]]:
+    """Drive a Generation with logits that force `tokens` (greedy), as Engine.step's rows would."""
+    gen = Generation(engine, [engine.eot_id], SamplingParams(max_tokens=max_tokens, stop=stop))
+    deltas = []
+    for t in tokens:
+        deltas.append(gen.feed(logits_for(t, engine.cfg.vocab_size)))
+        if gen.done:
+            break
+    return gen, deltas
+
+
+def test_stop_string_across_tokens_is_cut_exactly_and_never_streamed(small_engine):
+    tok = small_engine.tokenizer
+    tokens = tok.encode("x = 1\n") + tok.encode("def") + tok.encode(" f")
+    gen, deltas = feed_tokens(small_engine, tokens, stop=["\ndef"])
+    assert gen.finish_reason == "stop" and gen.text == "x = 1"
+    assert "".join(deltas) == "x = 1" and "\n" not in "".join(deltas)
+    assert gen.completion().completion_tokens == len(tok.encode("x = 1\n") + tok.encode("def"))
+
+
+def test_end_of_text_stops_and_is_not_part_of_the_text(small_engine):
+    tok = small_engine.tokenizer
+    gen, deltas = feed_tokens(small_engine, tok.encode("pass") + [small_engine.eot_id], stop=[])
+    assert gen.finish_reason == "stop" and gen.text == "pass" and "".join(deltas) == "pass"
+    assert gen.token_ids == tok.encode("pass")
+
+
+def test_split_utf8_character_is_streamed_whole(small_engine):
+    tok = small_engine.tokenizer
+    # byte-level BPE: bytes C3 A9 ("é") as the single-byte tokens 'Ã' and '©'
+    first, second = tok.tokenizer.token_to_id("Ã"), tok.tokenizer.token_to_id("©")
+    gen, deltas = feed_tokens(small_engine, [first, second], stop=[])
+    assert deltas == ["", "é"] and gen.text == "é"
+
+
+def test_max_tokens_and_context_limit_finish_with_length(tokenizer):
+    engine = Engine(ModelTensors.from_model(random_model(ModelConfig(n_layers=1, context_length=8)), tokenizer))
+    prompt = tokenizer.decode(tokenizer.encode(CODE)[:5])
+    assert len(engine.encode_prompt(prompt)) == 5
+    done = engine.generate([prompt], max_tokens=100)[0]
+    if done.finish_reason == "length":  # unless end-of-text came first, the context (8) ends it
+        assert done.completion_tokens == 8 - 5 + 1
+    assert engine.generate([prompt], max_tokens=2)[0].completion_tokens <= 2
+    zero = engine.generate([prompt], max_tokens=0)[0]
+    assert (zero.text, zero.finish_reason, zero.completion_tokens) == ("", "length", 0)
+
+
+def test_misuse_gives_clear_errors(small_engine, tmp_path):
+    seq = small_engine.start([1, 2, 3])
+    small_engine.step([seq])
+    with pytest.raises(ValueError, match="no new token: call append"):
+        small_engine.step([seq])
+    with pytest.raises(ValueError, match="appears twice"):
+        small_engine.step([seq, seq])
+    with pytest.raises(ValueError, match="exceeds the context length 64"):
+        small_engine.start([1] * 65)
+    with pytest.raises(ValueError, match="out of range"):
+        small_engine.start([SMALL.vocab_size])
+    with pytest.raises(ValueError, match="prompt has no tokens"):
+        small_engine.start([])
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match="export folder .* or a .gguf file"):
+        Engine.from_path(tmp_path / "weights.bin")
+    with pytest.raises(FileNotFoundError, match="meta.json is missing"):
+        Engine.from_path(tmp_path)
