@@ -31,12 +31,12 @@ test-slow: setup  ## run the whole test suite including slow tests
 	$(PY) -m pytest -q -m "" $(ARGS)
 
 lint: setup  ## ruff check + format check
-	$(VENV)/bin/ruff check nanoternary tests train.py
-	$(VENV)/bin/ruff format --check nanoternary tests train.py
+	$(VENV)/bin/ruff check nanoternary tests benchmarks train.py
+	$(VENV)/bin/ruff format --check nanoternary tests benchmarks train.py
 
 format: setup  ## apply ruff fixes and formatting
-	$(VENV)/bin/ruff check --fix nanoternary tests train.py
-	$(VENV)/bin/ruff format nanoternary tests train.py
+	$(VENV)/bin/ruff check --fix nanoternary tests benchmarks train.py
+	$(VENV)/bin/ruff format nanoternary tests benchmarks train.py
 
 tokenizer: setup  ## train/inspect the tokenizer of a data config, bytes/token on its held-out split (ARGS="data=files data.paths=[src]")
 	$(PY) -m nanoternary.cli.tokenizer $(ARGS)
@@ -52,6 +52,15 @@ MODEL ?= $(lastword $(sort $(wildcard outputs/train/*/export/final)))
 serve: setup  ## serve a model: OpenAI-compatible API + chat page on http://127.0.0.1:8080 (MODEL=<export folder or .gguf>, default the newest export; ARGS=port=8000 ...)
 	$(PY) -m nanoternary.cli.serve model=$(MODEL) $(ARGS)
 
+export: setup  ## write <folder>/model.gguf from a model folder or .ckpt (MODEL=<path>, default the newest export; ARGS="qtype=tq1_0 arch=nanoternary out=x.gguf")
+	$(PY) -m nanoternary.cli.export src=$(MODEL) $(ARGS)
+
+generate: setup  ## stream a completion from a model folder or .gguf (MODEL=<path>; ARGS='prompt="def fib(n):" max_tokens=64')
+	$(PY) -m nanoternary.cli.generate model=$(MODEL) $(ARGS)
+
+bench-infer: setup  ## decode tokens/s at batch 1 and 16 vs llama.cpp on one tiny_bitnet GGUF, GGUF MB, bits/weight (ARGS="--threads 1")
+	$(PY) benchmarks/bench_infer.py $(ARGS)
+
 bench-serve: setup  ## server tokens/s and p50/p99 latency at 1, 4, 16 concurrent clients (ARGS="--model <path> --threads 1")
 	$(PY) benchmarks/bench_serve.py $(ARGS)
 
@@ -61,4 +70,4 @@ report: setup  ## compare every run under outputs/: outputs/report/report.md tab
 clean-cache:  ## delete cached tokenizers and token files (~/.cache/nanoternary, or NANOTERNARY_CACHE if set)
 	rm -rf "$${NANOTERNARY_CACHE:-$$HOME/.cache/nanoternary}"
 
-.PHONY: help setup train test test-slow lint format clean-cache tokenizer eval-bpb bench-data serve bench-serve report
+.PHONY: help setup train test test-slow lint format clean-cache tokenizer eval-bpb bench-data serve bench-serve report export generate bench-infer

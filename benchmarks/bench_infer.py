@@ -52,8 +52,11 @@ def tiny_bitnet_gguf(out: Path, qtype: str) -> Path:
 def ternary_bits(path: Path) -> tuple[int, float]:
     """(ternary weights, bits per ternary weight of their TQ/F16 payload)."""
     reader = gguf.GGUFReader(path)
-    codes = [t for t in reader.tensors if t.tensor_type in (gguf.GGMLQuantizationType.TQ1_0,
-                                                          gguf.GGMLQuantizationType.TQ2_0)]
+    codes = [
+        t
+        for t in reader.tensors
+        if t.tensor_type in (gguf.GGMLQuantizationType.TQ1_0, gguf.GGMLQuantizationType.TQ2_0)
+    ]
     weights = sum(int(t.n_elements) for t in codes)
     return weights, 8 * sum(int(t.n_bytes) for t in codes) / max(weights, 1)
 
@@ -80,7 +83,9 @@ def llama(llm, prompt: list[int], steps: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", type=Path, help="a bitnet GGUF (default: tiny_bitnet with random weights)")
     parser.add_argument("--qtype", default="tq2_0", choices=["tq2_0", "tq1_0"])
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for both engines")
@@ -109,9 +114,14 @@ def main() -> None:
         size = path.stat().st_size
     best = {k: max(v) for k, v in runs.items() if v}
     result = {
-        "threads": args.threads, "backend": engine.backend, "model_parameters": engine.num_parameters,
-        "gguf_mb": size / 1e6, "gguf_mib": size / 2**20, "ternary_weights": weights,
-        "bits_per_ternary_weight": bits, "file_bits_per_ternary_weight": 8 * size / weights,
+        "threads": args.threads,
+        "backend": engine.backend,
+        "model_parameters": engine.num_parameters,
+        "gguf_mb": size / 1e6,
+        "gguf_mib": size / 2**20,
+        "ternary_weights": weights,
+        "bits_per_ternary_weight": bits,
+        "file_bits_per_ternary_weight": 8 * size / weights,
         **{f"{k} tok/s": v for k, v in best.items()},
     }
     if "llama.cpp batch 1" in best:

@@ -44,3 +44,11 @@ def assert_same_logits(got: torch.Tensor, want: torch.Tensor, tol: float = 1e-4)
     assert got.shape == want.shape
     assert (err < tol).float().mean().item() >= 0.5, err
     assert err.max().item() < 0.02, err
+
+
+def assert_close_logits(got: torch.Tensor, want: torch.Tensor) -> None:
+    """A fast path against the reference: within a few flipped 8-bit roundings everywhere (< 0.05) and the
+    same argmax at >= 90% of positions (random models have near-ties)."""
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() < 0.05
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.9

@@ -36,10 +36,24 @@ register_resolvers()
 
 
 def child_spec(cfg: DictConfig, model: str) -> dict[str, Any]:
-    keys = ("device", "batch_size", "seq_len", "data", "warmup_steps", "chunk_steps", "rounds", "reference", "bare",
-            "peak_tflops")
+    keys = (
+        "device",
+        "batch_size",
+        "seq_len",
+        "data",
+        "warmup_steps",
+        "chunk_steps",
+        "rounds",
+        "reference",
+        "bare",
+        "peak_tflops",
+    )
     spec = {key: cfg[key] for key in keys}
-    spec.update(model=model, train_overrides=list(cfg.train_overrides), curve_steps=cfg.curve_steps if cfg.curves else 0)
+    spec.update(
+        model=model,
+        train_overrides=list(cfg.train_overrides),
+        curve_steps=cfg.curve_steps if cfg.curves else 0,
+    )
     return spec
 
 
@@ -73,8 +87,10 @@ def speed_table(results: list[dict[str, Any]]) -> str:
     for r in results:
         for loop, what in LOOPS.items():
             if f"{loop}_tokens_per_s" in r:
-                lines.append(f"{r['model']:<10} {loop:<5} {what:<24} {fmt(r[f'{loop}_tokens_per_s']):>9} "
-                             f"{r[f'{loop}_cpu_s_per_step']:>10.3f} {r['warmup_s'].get(loop, 0.0):>12.1f}")
+                lines.append(
+                    f"{r['model']:<10} {loop:<5} {what:<24} {fmt(r[f'{loop}_tokens_per_s']):>9} "
+                    f"{r[f'{loop}_cpu_s_per_step']:>10.3f} {r['warmup_s'].get(loop, 0.0):>12.1f}"
+                )
         lines.append(f"{r['model']:<10} " + "  ".join(summary_parts(r)))
     return "\n".join(lines)
 
@@ -83,7 +99,9 @@ def summary_parts(r: dict[str, Any]) -> list[str]:
     """A/B, Lightning's overhead, memory, FLOP rate and load of one model's result."""
     parts = [f"A/B {fmt(r.get('A_over_B'), '.2f')}"]
     if r.get("A_over_bare") is not None:
-        parts.append(f"A/bare {r['A_over_bare']:.3f} (Lightning overhead {(1 - r['A_over_bare']) * 100:+.1f}%)")
+        parts.append(
+            f"A/bare {r['A_over_bare']:.3f} (Lightning overhead {(1 - r['A_over_bare']) * 100:+.1f}%)"
+        )
     parts.append(f"peak RSS {fmt(r['peak_rss_mb'])} MB")
     if "cuda_peak_mb" in r:
         parts.append(f"CUDA peak {fmt(r['cuda_peak_mb'])} MB")
@@ -99,10 +117,19 @@ def compare_curves(a: list[float], b: list[float], window: int = 10) -> dict[str
     """How far two loss curves are apart: per step, and as means over `window`-step blocks (the step-to-step
     noise of two trajectories that diverge by rounding averages out in the blocks)."""
     diffs = [abs(x - y) for x, y in zip(a, b, strict=True)]
-    blocks = [(statistics.fmean(a[i : i + window]), statistics.fmean(b[i : i + window])) for i in range(0, len(a), window)]
-    return {"max_abs_diff": max(diffs), "mean_abs_diff": statistics.fmean(diffs),
-            f"max_abs_diff_{window}_step_mean": max(abs(x - y) for x, y in blocks),
-            "final_A": a[-1], "final_B": b[-1], "first_A": a[0], "first_B": b[0]}
+    blocks = [
+        (statistics.fmean(a[i : i + window]), statistics.fmean(b[i : i + window]))
+        for i in range(0, len(a), window)
+    ]
+    return {
+        "max_abs_diff": max(diffs),
+        "mean_abs_diff": statistics.fmean(diffs),
+        f"max_abs_diff_{window}_step_mean": max(abs(x - y) for x, y in blocks),
+        "final_A": a[-1],
+        "final_B": b[-1],
+        "first_A": a[0],
+        "first_B": b[0],
+    }
 
 
 def plot_curves(result: dict[str, Any], path: Path) -> bool:
@@ -145,11 +172,14 @@ def bench(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         result = run_child(child_spec(cfg, models[0]), cfg.cold_compile)
         result.update(compare_curves(result["A_loss"], result["B_loss"]))
         result["png"] = str(out_dir / "curves.png") if plot_curves(result, out_dir / "curves.png") else None
-        print(f"model={result['model']}: {len(result['A_loss'])} steps, first loss A {result['first_A']:.4f} "
-              f"B {result['first_B']:.4f}, final A {result['final_A']:.4f} B {result['final_B']:.4f}; "
-              f"max |A - B| {result['max_abs_diff']:.4f}, mean {result['mean_abs_diff']:.4f}, of 10-step means "
-              f"{result['max_abs_diff_10_step_mean']:.4f}; load {result['load_avg'][0]:.1f}"
-              f"{'; plot ' + result['png'] if result['png'] else ''}", file=sys.stderr)
+        print(
+            f"model={result['model']}: {len(result['A_loss'])} steps, first loss A {result['first_A']:.4f} "
+            f"B {result['first_B']:.4f}, final A {result['final_A']:.4f} B {result['final_B']:.4f}; "
+            f"max |A - B| {result['max_abs_diff']:.4f}, mean {result['mean_abs_diff']:.4f}, of 10-step means "
+            f"{result['max_abs_diff_10_step_mean']:.4f}; load {result['load_avg'][0]:.1f}"
+            f"{'; plot ' + result['png'] if result['png'] else ''}",
+            file=sys.stderr,
+        )
         return result
     results = []
     for model in models:

@@ -29,8 +29,10 @@ def autocast_for(precision: Any, device: torch.device) -> Callable[[], contextli
     if precision in FULL_PRECISION:
         return contextlib.nullcontext
     if precision not in AUTOCAST_DTYPES:
-        raise ValueError(f"trainer.precision={precision!r} is not supported by the benchmark's bare loop; "
-                         f"use one of {[*AUTOCAST_DTYPES, '32-true']}")
+        raise ValueError(
+            f"trainer.precision={precision!r} is not supported by the benchmark's bare loop; "
+            f"use one of {[*AUTOCAST_DTYPES, '32-true']}"
+        )
     return functools.partial(torch.autocast, device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
@@ -39,18 +41,30 @@ def wsd_schedule(wsd: dict[str, Any] | None, total_steps: int) -> Callable[[int]
     if not wsd:
         return lambda step: 1.0
     return functools.partial(
-        wsd_multiplier, total_steps=wsd.get("total_steps") or total_steps, warmup_steps=wsd["warmup_steps"],
-        decay_fraction=wsd["decay_fraction"], final_mult=wsd["final_mult"], shape=wsd["shape"],
+        wsd_multiplier,
+        total_steps=wsd.get("total_steps") or total_steps,
+        warmup_steps=wsd["warmup_steps"],
+        decay_fraction=wsd["decay_fraction"],
+        final_mult=wsd["final_mult"],
+        shape=wsd["shape"],
     )
 
 
 class PlainLoop:
     """A model, its loss, its optimizers and a batch iterator, stepped by hand."""
 
-    def __init__(self, name: str, model: nn.Module, loss_fn: LossFn, optimizers: list[torch.optim.Optimizer],
-                 batches: Iterator[torch.Tensor], grad_clip: float, schedule: Callable[[int], float],
-                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                 device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        name: str,
+        model: nn.Module,
+        loss_fn: LossFn,
+        optimizers: list[torch.optim.Optimizer],
+        batches: Iterator[torch.Tensor],
+        grad_clip: float,
+        schedule: Callable[[int], float],
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.name, self.model, self.loss_fn, self.optimizers = name, model, loss_fn, optimizers
         self.batches, self.grad_clip, self.schedule, self.autocast = batches, grad_clip, schedule, autocast
         self.device = torch.device(device)

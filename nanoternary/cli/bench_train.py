@@ -66,8 +66,13 @@ class Spec:
 
 def train_config(spec: Spec, output_dir: str) -> DictConfig:
     """conf/train.yaml with the model, data and device of `spec`, logging under `output_dir`."""
-    overrides = [f"model={spec.model}", f"data={spec.data}", f"trainer={'gpu' if spec.device == 'cuda' else 'cpu'}",
-                 f"paths.output_dir={output_dir}", f"data.batch_size={spec.batch_size}"]
+    overrides = [
+        f"model={spec.model}",
+        f"data={spec.data}",
+        f"trainer={'gpu' if spec.device == 'cuda' else 'cpu'}",
+        f"paths.output_dir={output_dir}",
+        f"data.batch_size={spec.batch_size}",
+    ]
     if spec.seq_len:
         overrides.append(f"data.seq_len={spec.seq_len}")
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -78,9 +83,15 @@ def make_trainer(cfg: DictConfig, max_steps: int, extra: list[L.Callback]) -> L.
     """cfg.trainer with train.py's per-step callbacks and loggers; no validation, no checkpoints."""
     node = cfg.get("callbacks") or {}
     callbacks = [instantiate(node[name]) for name in STEP_CALLBACKS if name in node]
-    return instantiate(cfg.trainer, callbacks=[*callbacks, *extra], logger=instantiate_all(cfg.get("logger")) or False,
-                       max_steps=max_steps, limit_val_batches=0, enable_checkpointing=False,
-                       enable_model_summary=False)
+    return instantiate(
+        cfg.trainer,
+        callbacks=[*callbacks, *extra],
+        logger=instantiate_all(cfg.get("logger")) or False,
+        max_steps=max_steps,
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
 
 
 def batches(cfg: DictConfig, corpus: PreparedCorpus) -> Iterator[torch.Tensor]:
@@ -90,20 +101,38 @@ def batches(cfg: DictConfig, corpus: PreparedCorpus) -> Iterator[torch.Tensor]:
     return iter(datamodule.train_dataloader())
 
 
-def reference_loop(cfg: DictConfig, corpus: PreparedCorpus, device: torch.device, total_steps: int) -> PlainLoop:
+def reference_loop(
+    cfg: DictConfig, corpus: PreparedCorpus, device: torch.device, total_steps: int
+) -> PlainLoop:
     """Loop B: the same model and optimizers, eager fp32, torch.optim.Muon itself."""
     optim = to_container(cfg.optim)
     model = TernaryLM(ModelConfig.from_dict(to_container(cfg.model))).to(device)
-    return PlainLoop("B", model, lm_loss, make_optimizers(model, optim, muon_cls=torch.optim.Muon),
-                     batches(cfg, corpus), optim["grad_clip"], schedule_of(cfg, total_steps), device=device)
+    return PlainLoop(
+        "B",
+        model,
+        lm_loss,
+        make_optimizers(model, optim, muon_cls=torch.optim.Muon),
+        batches(cfg, corpus),
+        optim["grad_clip"],
+        schedule_of(cfg, total_steps),
+        device=device,
+    )
 
 
 def bare_loop(cfg: DictConfig, corpus: PreparedCorpus, device: torch.device, total_steps: int) -> PlainLoop:
     """A's step without Lightning: the module's compiled loss, its optimizers, the trainer's autocast."""
     module = make_module(cfg, corpus).to(device)
-    return PlainLoop("bare", module.model, module.train_loss_fn, module.configure_optimizers(),
-                     batches(cfg, corpus), cfg.optim["grad_clip"], schedule_of(cfg, total_steps),
-                     autocast_for(cfg.trainer.precision, device), device)
+    return PlainLoop(
+        "bare",
+        module.model,
+        module.train_loss_fn,
+        module.configure_optimizers(),
+        batches(cfg, corpus),
+        cfg.optim["grad_clip"],
+        schedule_of(cfg, total_steps),
+        autocast_for(cfg.trainer.precision, device),
+        device,
+    )
 
 
 def schedule_of(cfg: DictConfig, total_steps: int) -> Callable[[int], float]:
@@ -136,12 +165,15 @@ class Interleave(L.Callback):
         self.chunks: dict[str, list[tuple[float, float]]] = {"A": [], **{loop.name: [] for loop in loops}}
         self.first_step_s: dict[str, float] = {}
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if batch_idx == 0:
             self.clock.start()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         done, spec = batch_idx + 1, self.spec
         if done == 1:
             self.first_step_s["A"] = self.clock.read()[0]
@@ -170,7 +202,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def speed_summary(chunks: dict[str, list[tuple[float, float]]], spec: Spec, tokens_per_step: int) -> dict[str, Any]:
+def speed_summary(
+    chunks: dict[str, list[tuple[float, float]]], spec: Spec, tokens_per_step: int
+) -> dict[str, Any]:
     """Median tokens/s (wall and per CPU-second) of each loop, and the median per-round ratios."""
     tokens = spec.chunk_steps * tokens_per_step
     rate = {name: [tokens / wall for wall, _ in times] for name, times in chunks.items()}
@@ -187,8 +221,13 @@ def speed_summary(chunks: dict[str, list[tuple[float, float]]], spec: Spec, toke
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    env = {"torch": torch.__version__, "lightning": L.__version__, "threads": torch.get_num_threads(),
-           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"), "cpu_bf16": cpu_precision() == "bf16-mixed"}
+    env = {
+        "torch": torch.__version__,
+        "lightning": L.__version__,
+        "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+        "cpu_bf16": cpu_precision() == "bf16-mixed",
+    }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
@@ -211,13 +250,23 @@ def measure_speed(spec: Spec, cfg: DictConfig, device: torch.device) -> dict[str
     trainer = make_trainer(cfg, total, [interleave])
     trainer.fit(module, datamodule=datamodule)
     if len(interleave.chunks["A"]) < spec.rounds:
-        raise RuntimeError(f"training stopped after {trainer.global_step} of {total} steps: {module.stop_reason}")
+        raise RuntimeError(
+            f"training stopped after {trainer.global_step} of {total} steps: {module.stop_reason}"
+        )
     tokens_per_step = probe.shape[0] * (probe.shape[1] - 1)
     result = {
-        "model": spec.model, "params": module.model.num_parameters(), "device": str(device),
-        "precision": str(cfg.trainer.precision), "compile": bool(cfg.compile), "batch": list(probe.shape),
-        "tokens_per_step": tokens_per_step, "warmup_s": interleave.first_step_s, "peak_rss_mb": peak_rss_mb(),
-        "load_avg_before": load_before, "load_avg_after": os.getloadavg(), **environment(device),
+        "model": spec.model,
+        "params": module.model.num_parameters(),
+        "device": str(device),
+        "precision": str(cfg.trainer.precision),
+        "compile": bool(cfg.compile),
+        "batch": list(probe.shape),
+        "tokens_per_step": tokens_per_step,
+        "warmup_s": interleave.first_step_s,
+        "peak_rss_mb": peak_rss_mb(),
+        "load_avg_before": load_before,
+        "load_avg_after": os.getloadavg(),
+        **environment(device),
         **speed_summary(interleave.chunks, spec, tokens_per_step),
     }
     if device.type == "cuda":
@@ -235,8 +284,9 @@ class LossRecorder(L.Callback):
     def __init__(self) -> None:
         self.losses: list[float] = []
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.losses.append(float(loss))
 
@@ -250,8 +300,15 @@ def measure_curves(spec: Spec, cfg: DictConfig, device: torch.device) -> dict[st
     recorder = LossRecorder()
     make_trainer(cfg, spec.curve_steps, [recorder]).fit(module, datamodule=datamodule)
     b_losses = [float(reference.step()) for _ in range(spec.curve_steps)]
-    return {"model": spec.model, "precision": str(cfg.trainer.precision), "compile": bool(cfg.compile),
-            "A_loss": recorder.losses, "B_loss": b_losses, "load_avg": os.getloadavg(), **environment(device)}
+    return {
+        "model": spec.model,
+        "precision": str(cfg.trainer.precision),
+        "compile": bool(cfg.compile),
+        "A_loss": recorder.losses,
+        "B_loss": b_losses,
+        "load_avg": os.getloadavg(),
+        **environment(device),
+    }
 
 
 def run(spec: Spec) -> dict[str, Any]:

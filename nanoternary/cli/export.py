@@ -24,7 +24,9 @@ def run_tokenizer(ckpt: Path) -> Path:
     export = ckpt.resolve().parent.parent / "export"
     found = sorted(export.glob(f"*/{TOKENIZER}"), key=lambda p: p.parent.name != "final")
     if not found:
-        raise FileNotFoundError(f"no {TOKENIZER} in {export}/*/ for {ckpt}: pass tokenizer=<path to tokenizer.json>")
+        raise FileNotFoundError(
+            f"no {TOKENIZER} in {export}/*/ for {ckpt}: pass tokenizer=<path to tokenizer.json>"
+        )
     return found[0]
 
 
@@ -55,8 +57,15 @@ def main(cfg: DictConfig) -> None:
     src = Path(cfg.src)
     out = Path(cfg.out) if cfg.out else default_out(src)
     tensors = load_source(src, cfg.tokenizer)
-    path = write_model_gguf(out, tensors, cfg.arch, cfg.qtype, cfg.embed_type, cfg.name or display_name(src),
-                            progress=cfg.progress)
+    path = write_model_gguf(
+        out,
+        tensors,
+        cfg.arch,
+        cfg.qtype,
+        cfg.embed_type,
+        cfg.name or display_name(src),
+        progress=cfg.progress,
+    )
     ternary = sum(t.codes.numel() for t in tensors.ternary.values())
     log.info("%s: %.3f MB, %d ternary weights", path, path.stat().st_size / 1e6, ternary)
 

@@ -21,7 +21,10 @@ def or_default(value: object, default: object) -> object:
 
 
 def register_resolvers() -> None:
-    for name, fn in (("nt.cpu_precision", cpu_precision), ("nt.auto_precision", auto_precision),
-                     ("nt.or_default", or_default)):
+    for name, fn in (
+        ("nt.cpu_precision", cpu_precision),
+        ("nt.auto_precision", auto_precision),
+        ("nt.or_default", or_default),
+    ):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

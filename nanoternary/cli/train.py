@@ -61,29 +61,46 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule: TokenDataModule = instantiate(cfg.data)
     corpus = datamodule.prepare()
     if corpus.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"the data has {corpus.vocab_size} token ids but model.vocab_size={cfg.model.vocab_size}")
+        raise ValueError(
+            f"the data has {corpus.vocab_size} token ids but model.vocab_size={cfg.model.vocab_size}"
+        )
     module = make_module(cfg, corpus)
     callbacks = instantiate_all(cfg.get("callbacks"))
     if not datamodule.has_text:  # an export folder needs a tokenizer; token-id data has none
-        log.warning("data.source=%s is token-id data: no export folder (checkpoints only), no bpb", cfg.data.source)
+        log.warning(
+            "data.source=%s is token-id data: no export folder (checkpoints only), no bpb", cfg.data.source
+        )
         callbacks = [cb for cb in callbacks if not isinstance(cb, (ModelExport, GGUFExport))]
     for cb in callbacks:
         if isinstance(cb, ModelExport):
-            cb.run_summary = {"max_steps": cfg.trainer.max_steps, "batch_size": cfg.data.batch_size,
-                              "seq_len": cfg.data.seq_len, "seed": cfg.seed, "precision": cfg.trainer.precision}
+            cb.run_summary = {
+                "max_steps": cfg.trainer.max_steps,
+                "batch_size": cfg.data.batch_size,
+                "seq_len": cfg.data.seq_len,
+                "seed": cfg.seed,
+                "precision": cfg.trainer.precision,
+            }
     ckpt_dir = next((cb.dirpath for cb in callbacks if isinstance(cb, StepCheckpoint)), None)
-    resume = resolve_resume(cfg.ckpt_path, cfg.run_dir, ckpt_dir or Path(cfg.paths.output_dir) / "checkpoints",
-                            OmegaConf.to_container(cfg.model, resolve=True))
+    resume = resolve_resume(
+        cfg.ckpt_path,
+        cfg.run_dir,
+        ckpt_dir or Path(cfg.paths.output_dir) / "checkpoints",
+        OmegaConf.to_container(cfg.model, resolve=True),
+    )
     if resume is not None and resume.weights is not None:
         module.model.load_state_dict(load_export(resume.weights)[0].state_dict())
-    run_id = wandb_run_id(cfg, continuing=cfg.run_dir is not None and resume is not None and resume.ckpt is not None)
+    run_id = wandb_run_id(
+        cfg, continuing=cfg.run_dir is not None and resume is not None and resume.ckpt is not None
+    )
     if run_id is not None:  # chosen here, so that meta.json can record it and a resume can reuse it
         with open_dict(cfg):
             cfg.logger.wandb.id = run_id
         for cb in callbacks:
             if isinstance(cb, ModelExport):
                 cb.run_summary[WANDB_ID_KEY] = run_id
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_all(cfg.get("logger")) or False)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=instantiate_all(cfg.get("logger")) or False
+    )
     if trainer.is_global_zero:
         for logger in trainer.loggers:  # continue the run's metrics.csv instead of letting Lightning wipe it
             continue_csv_log(logger, resume.micro_step if resume is not None and resume.ckpt else 0)

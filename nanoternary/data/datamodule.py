@@ -94,7 +94,9 @@ class PreparedCorpus:
 
 def rows_per_shard(batch_size: int, shards: int) -> int:
     if shards < 1 or batch_size % shards:
-        raise ValueError(f"data.batch_size={batch_size} must be a positive multiple of data.shards_per_device={shards}")
+        raise ValueError(
+            f"data.batch_size={batch_size} must be a positive multiple of data.shards_per_device={shards}"
+        )
     return batch_size // shards
 
 
@@ -104,10 +106,20 @@ class StepBatches(IterableDataset):
     batch B see exactly the rows of 1 rank with batch N*B and shards=N: the data do not depend on how
     a run is spread over devices."""
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, start: int = 0, rank: int = 0,
-                 shards: int = 1):
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        batch_size: int,
+        seq_len: int,
+        seed: int,
+        start: int = 0,
+        rank: int = 0,
+        shards: int = 1,
+    ):
         if len(tokens) < seq_len + 2:
-            raise ValueError(f"training split has {len(tokens)} tokens, fewer than seq_len + 2 = {seq_len + 2}")
+            raise ValueError(
+                f"training split has {len(tokens)} tokens, fewer than seq_len + 2 = {seq_len + 2}"
+            )
         self.rows_per_shard = rows_per_shard(batch_size, shards)
         self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
         self.seed, self.start, self.rank, self.shards = seed, start, rank, shards
@@ -134,7 +146,9 @@ class Windows(Dataset):
         self.tokens, self.seq_len = tokens, seq_len
         self.count = (len(tokens) - 1) // seq_len
         if self.count == 0:
-            raise ValueError(f"held-out split has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+            raise ValueError(
+                f"held-out split has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}"
+            )
 
     def __len__(self) -> int:
         return self.count
@@ -150,8 +164,16 @@ class RowBatches(IterableDataset):
     shared and micro-batch i of rank r is slice i * world + r of it: ranks never draw the same row, and
     N ranks with batch B see exactly the rows of 1 rank with batch N*B."""
 
-    def __init__(self, rows: np.ndarray, batch_size: int, seq_len: int, seed: int, start: int = 0, rank: int = 0,
-                 world: int = 1):
+    def __init__(
+        self,
+        rows: np.ndarray,
+        batch_size: int,
+        seq_len: int,
+        seed: int,
+        start: int = 0,
+        rank: int = 0,
+        world: int = 1,
+    ):
         if rows.ndim != 2 or len(rows) == 0 or rows.shape[1] < seq_len + 1:
             raise ValueError(
                 f"training rows of shape {rows.shape} cannot hold seq_len + 1 = {seq_len + 1} tokens"
@@ -338,27 +360,60 @@ class TokenDataModule(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """The data position for resume. Batch i is a pure function of (seed, i, rank), so the number of
         micro-batches consumed is all the state there is; the settings are kept to flag a changed order."""
-        consumed = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready if self.trainer else self.start_step
-        return {"micro_step": int(consumed), "seed": self.seed, "batch_size": self.batch_size,
-                "seq_len": self.seq_len, "source": self.source_name}
+        consumed = (
+            self.trainer.fit_loop.epoch_loop.batch_progress.total.ready if self.trainer else self.start_step
+        )
+        return {
+            "micro_step": int(consumed),
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "source": self.source_name,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        now = {"seed": self.seed, "batch_size": self.batch_size, "seq_len": self.seq_len, "source": self.source_name}
+        now = {
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "source": self.source_name,
+        }
         for key, value in now.items():
             if key in state_dict and state_dict[key] != value:
-                log.warning("resuming with data.%s=%r where the checkpoint had %r: the batches differ from the "
-                            "original run's", key, value, state_dict[key])
+                log.warning(
+                    "resuming with data.%s=%r where the checkpoint had %r: the batches differ from the "
+                    "original run's",
+                    key,
+                    value,
+                    state_dict[key],
+                )
         self.start_step = int(state_dict["micro_step"])
 
     def train_dataloader(self) -> DataLoader:
         train = self.prepare().train_tokens
         if train.ndim == 2:
-            batches = RowBatches(train, self.batch_size, self.seq_len, self.seed, self.start_step, self.rank(),
-                                 world=self.world_size())
+            batches = RowBatches(
+                train,
+                self.batch_size,
+                self.seq_len,
+                self.seed,
+                self.start_step,
+                self.rank(),
+                world=self.world_size(),
+            )
         else:
-            batches = StepBatches(train, self.batch_size, self.seq_len, self.seed, self.start_step, self.rank(),
-                                  shards=self.shards_per_device)
-        return DataLoader(batches, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory())
+            batches = StepBatches(
+                train,
+                self.batch_size,
+                self.seq_len,
+                self.seed,
+                self.start_step,
+                self.rank(),
+                shards=self.shards_per_device,
+            )
+        return DataLoader(
+            batches, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory()
+        )
 
     def pin_memory(self) -> bool:
         """Page-locked training batches when the trainer runs on CUDA: Lightning copies batches to the device
@@ -371,8 +426,12 @@ class TokenDataModule(L.LightningDataModule):
 
     def heldout_dataloader(self) -> DataLoader:
         """Every held-out window, for a full evaluation in one process (the final export)."""
-        return DataLoader(self.heldout_windows(), batch_size=self.val_batch_size, shuffle=False,
-                          num_workers=self.num_workers)
+        return DataLoader(
+            self.heldout_windows(),
+            batch_size=self.val_batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+        )
 
     def val_dataloader(self) -> DataLoader:
         """This rank's share of the held-out windows (every world_size-th one): ranks score disjoint

@@ -35,8 +35,12 @@ from nanoternary.model.transformer import TernaryLM
 
 NUMERICS = ("native", "llama")
 LLAMA_ACT_BLOCK = 256  # llama.cpp quantizes activations for TQ1_0/TQ2_0 weights per Q8_K block of 256
-PROJECTIONS = {"qkv": ("attn.q_proj", "attn.k_proj", "attn.v_proj"), "o": ("attn.o_proj",),
-               "gate_up": ("ffn.gate_proj", "ffn.up_proj"), "down": ("ffn.down_proj",)}
+PROJECTIONS = {
+    "qkv": ("attn.q_proj", "attn.k_proj", "attn.v_proj"),
+    "o": ("attn.o_proj",),
+    "gate_up": ("ffn.gate_proj", "ffn.up_proj"),
+    "down": ("ffn.down_proj",),
+}
 
 
 def load_tensors(path: str | Path) -> ModelTensors:
@@ -80,15 +84,22 @@ class Projections(nn.Module):
     """The four (fused) linears of one block, each with the RMSNorm in front of it: attn_norm -> q|k|v,
     attn sub-norm -> o, ffn_norm -> gate|up, ffn sub-norm -> down."""
 
-    def __init__(self, index: int, block: nn.Module, tensors: ModelTensors, backend: str, act_block: int) -> None:
+    def __init__(
+        self, index: int, block: nn.Module, tensors: ModelTensors, backend: str, act_block: int
+    ) -> None:
         super().__init__()
-        norms = {"qkv": block.attn_norm, "o": block.attn.sub_norm, "gate_up": block.ffn_norm,
-                 "down": block.ffn.sub_norm}
+        norms = {
+            "qkv": block.attn_norm,
+            "o": block.attn.sub_norm,
+            "gate_up": block.ffn_norm,
+            "down": block.ffn.sub_norm,
+        }
         for name, parts in PROJECTIONS.items():
             keys = [f"blocks.{index}.{p}.weight" for p in parts]
             if all(k in tensors.ternary for k in keys):
-                linear: nn.Module = TernaryLinear.fuse([tensors.ternary[k] for k in keys], backend, act_block,
-                                                       norms[name])
+                linear: nn.Module = TernaryLinear.fuse(
+                    [tensors.ternary[k] for k in keys], backend, act_block, norms[name]
+                )
             else:
                 linear = DenseLinear.fuse([tensors.dense[k] for k in keys], norms[name])
             setattr(self, name, linear)
@@ -106,8 +117,14 @@ class Engine:
     check a bitnet GGUF against llama.cpp value for value; it is slower and not meant for serving.
     """
 
-    def __init__(self, tensors: ModelTensors, device: str = "cpu", backend: str = "auto", name: str = "nanoternary",
-                 numerics: str = "native"):
+    def __init__(
+        self,
+        tensors: ModelTensors,
+        device: str = "cpu",
+        backend: str = "auto",
+        name: str = "nanoternary",
+        numerics: str = "native",
+    ):
         if numerics not in NUMERICS:
             raise ValueError(f"unknown numerics {numerics!r}; expected one of {NUMERICS}")
         cfg = tensors.cfg
@@ -129,8 +146,10 @@ class Engine:
         result = model.load_state_dict(tensors.dense, strict=False)
         missing = sorted(set(result.missing_keys) - set(tensors.ternary))
         if missing or result.unexpected_keys:
-            raise ValueError(f"weights do not fit the model config: missing {missing[:5]}, "
-                             f"unexpected {result.unexpected_keys[:5]}")
+            raise ValueError(
+                f"weights do not fit the model config: missing {missing[:5]}, "
+                f"unexpected {result.unexpected_keys[:5]}"
+            )
         for block in model.blocks:  # their weights now live in the fused Projections
             for parts in PROJECTIONS.values():
                 for part in parts:
@@ -138,7 +157,9 @@ class Engine:
                     setattr(getattr(block, owner), attr, nn.Identity())
         self.model = model.requires_grad_(False).to(self.device).eval()
         act_block = LLAMA_ACT_BLOCK if numerics == "llama" else 0
-        self.proj = nn.ModuleList(Projections(i, b, tensors, self.backend, act_block) for i, b in enumerate(model.blocks))
+        self.proj = nn.ModuleList(
+            Projections(i, b, tensors, self.backend, act_block) for i, b in enumerate(model.blocks)
+        )
         self.proj.to(self.device)
         self.kv_dtype = torch.float16 if numerics == "llama" else torch.float32
         half = cfg.head_dim // 2  # rotate-half as x·cos + roll(x)·sin' with sin' = [-sin, sin]
@@ -152,10 +173,14 @@ class Engine:
         self.head = w.t().contiguous() if self.backend != "fp32" and self.head_f16 is None else None
 
     @classmethod
-    def from_path(cls, path: str | Path, device: str = "cpu", backend: str = "auto", numerics: str = "native") -> Engine:
+    def from_path(
+        cls, path: str | Path, device: str = "cpu", backend: str = "auto", numerics: str = "native"
+    ) -> Engine:
         """Load an export folder or a .gguf (arch nanoternary or bitnet)."""
         path = Path(path)
-        return cls(load_tensors(path), device=device, backend=backend, name=display_name(path), numerics=numerics)
+        return cls(
+            load_tensors(path), device=device, backend=backend, name=display_name(path), numerics=numerics
+        )
 
     # ---- the batching primitive --------------------------------------------------------------------
     def start(self, prompt_ids: list[int]) -> Sequence:
@@ -190,7 +215,7 @@ class Engine:
                 raise ValueError("sequence has no new token: call append() before the next step")
             self._reserve(seq, len(seq.ids))
             spans.append(n)
-        ids = torch.tensor([t for s in seqs for t in s.ids[s.cached:]], device=self.device)
+        ids = torch.tensor([t for s in seqs for t in s.ids[s.cached :]], device=self.device)
         pos = torch.tensor([p for s in seqs for p in range(s.cached, len(s.ids))], device=self.device)
         logits = self._forward(ids, pos, seqs, spans, every_position=False)
         for seq in seqs:
@@ -204,7 +229,11 @@ class Engine:
         seq = self.start(ids)
         self._reserve(seq, len(ids))
         pos = torch.arange(len(ids), device=self.device)
-        return self._forward(torch.tensor(seq.ids, device=self.device), pos, [seq], [len(ids)], True).float().cpu()
+        return (
+            self._forward(torch.tensor(seq.ids, device=self.device), pos, [seq], [len(ids)], True)
+            .float()
+            .cpu()
+        )
 
     def _reserve(self, seq: Sequence, length: int) -> None:
         """Grow the KV cache (doubling, up to the context length) so it holds `length` positions."""
@@ -222,12 +251,20 @@ class Engine:
         seq.keys, seq.values = keys, values
         seq.layer_keys, seq.layer_values = keys.unbind(0), values.unbind(0)
 
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, seqs: list[Sequence], spans: list[int],
-                 every_position: bool) -> torch.Tensor:
+    def _forward(
+        self,
+        ids: torch.Tensor,
+        pos: torch.Tensor,
+        seqs: list[Sequence],
+        spans: list[int],
+        every_position: bool,
+    ) -> torch.Tensor:
         """Modules are called through .forward (no hooks are used): the decode step of a small model is
         dominated by per-call overhead, not arithmetic."""
         model = self.model
-        cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)  # (T, 1, head_dim)
+        cos = sin = None  # the cpp decode kernel applies RoPE itself
+        if not (self.backend == "cpp" and len(spans) == len(ids)):
+            cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)  # (T, 1, head_dim)
         x = model.streams.expand(model.embed.forward(ids).unsqueeze(0))
         for layer, (block, proj) in enumerate(zip(model.blocks, self.proj, strict=True)):
             x = block.attn_residual.forward(
@@ -247,16 +284,32 @@ class Engine:
         gate_up, width = proj.gate_up.forward(h), self.cfg.ffn_dim
         return proj.down.forward(F.silu(gate_up[..., :width]).mul_(gate_up[..., width:]))
 
-    def _attend(self, layer: int, proj: Projections, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                seqs: list[Sequence], spans: list[int]) -> torch.Tensor:
+    def _attend(
+        self,
+        layer: int,
+        proj: Projections,
+        h: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
+        seqs: list[Sequence],
+        spans: list[int],
+    ) -> torch.Tensor:
         """Causal attention of each sequence's new tokens over its cache: (1, T, dim) -> (1, T, dim)."""
         cfg = self.cfg
         hq, hkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         qkv = proj.qkv.forward(h[0]).view(-1, hq + 2 * hkv, d)
         if self.backend == "cpp" and len(spans) == qkv.shape[0]:  # every sequence decodes one position
             y = native_ops().decode_attention(
-                qkv, self.model.rope_cos, self.model.rope_sin, [s.layer_keys[layer] for s in seqs],
-                [s.layer_values[layer] for s in seqs], [s.cached for s in seqs], hq, hkv, 1.0 / math.sqrt(d))
+                qkv,
+                self.model.rope_cos,
+                self.model.rope_sin,
+                [s.layer_keys[layer] for s in seqs],
+                [s.layer_values[layer] for s in seqs],
+                [s.cached for s in seqs],
+                hq,
+                hkv,
+                1.0 / math.sqrt(d),
+            )
             return y.view(1, -1, hq * d)
         qk = qkv[:, : hq + hkv]
         qk = qk * cos + qk.roll(d // 2, dims=-1) * sin  # rotate-half RoPE with the sign folded into sin
@@ -271,8 +324,11 @@ class Engine:
                 mask = torch.ones(n, end, dtype=torch.bool, device=self.device).tril(diagonal=p0)
             y = self.attention(
                 q[start : start + n].transpose(0, 1).unsqueeze(0),
-                seq.keys[layer, :, :end].unsqueeze(0), seq.values[layer, :, :end].unsqueeze(0),
-                attn_mask=mask, is_causal=n > 1 and p0 == 0, enable_gqa=hq != hkv,
+                seq.keys[layer, :, :end].unsqueeze(0),
+                seq.values[layer, :, :end].unsqueeze(0),
+                attn_mask=mask,
+                is_causal=n > 1 and p0 == 0,
+                enable_gqa=hq != hkv,
             )
             out.append(y[0].transpose(0, 1).reshape(n, hq * d))
             start += n
@@ -283,13 +339,23 @@ class Engine:
         """Token ids of a prompt; an empty prompt starts from end-of-text (the document separator)."""
         return self.tokenizer.encode(prompt) or [self.eot_id]
 
-    def generate(self, prompts: list[str], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, stop: list[str] | None = None, seed: int | None = None) -> list[Completion]:
+    def generate(
+        self,
+        prompts: list[str],
+        max_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+    ) -> list[Completion]:
         """Complete every prompt (batched: one `step` per position for all unfinished prompts). With a
         seed, prompt i samples with seed + i: repeated prompts give different, reproducible samples."""
         params = SamplingParams(max_tokens, temperature, top_p, top_k, stop or [], seed)
-        gens = [Generation(self, self.encode_prompt(p), replace(params, seed=None if seed is None else seed + i))
-                for i, p in enumerate(prompts)]
+        gens = [
+            Generation(self, self.encode_prompt(p), replace(params, seed=None if seed is None else seed + i))
+            for i, p in enumerate(prompts)
+        ]
         active = [g for g in gens if not g.done]
         while active:
             logits = self.step([g.seq for g in active])
@@ -298,12 +364,23 @@ class Engine:
             active = [g for g in active if not g.done]
         return [g.completion() for g in gens]
 
-    def stream(self, prompt: str, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-               top_k: int = 0, stop: list[str] | None = None, seed: int | None = None) -> Iterator[str]:
+    def stream(
+        self,
+        prompt: str,
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+    ) -> Iterator[str]:
         """Yield the completion of one prompt as text deltas: never a split UTF-8 character, never any
         part of a stop string."""
-        gen = Generation(self, self.encode_prompt(prompt), SamplingParams(max_tokens, temperature, top_p, top_k,
-                                                                          stop or [], seed))
+        gen = Generation(
+            self,
+            self.encode_prompt(prompt),
+            SamplingParams(max_tokens, temperature, top_p, top_k, stop or [], seed),
+        )
         while not gen.done:
             delta = gen.feed(self.step([gen.seq])[0])
             if delta:
@@ -371,5 +448,10 @@ class Generation:
             self.finish_reason = "stop"
 
     def completion(self) -> Completion:
-        return Completion(self.text, self.finish_reason or "length", self.prompt_tokens, len(self.token_ids),
-                          list(self.token_ids))
+        return Completion(
+            self.text,
+            self.finish_reason or "length",
+            self.prompt_tokens,
+            len(self.token_ids),
+            list(self.token_ids),
+        )

@@ -22,6 +22,9 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
+import shutil
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -42,6 +45,8 @@ def native_ops() -> ModuleType | None:
     """The compiled csrc/ternary.cpp, or None (with a warning) when it cannot be built here."""
     from torch.utils.cpp_extension import load
 
+    if shutil.which("ninja") is None:  # the `ninja` wheel of this environment, when its bin/ is not on PATH
+        os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     try:
         return load("nanoternary_ternary", [str(CSRC)], extra_cflags=["-O3", "-march=native"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, unsupported flags...: the PyTorch path still works
@@ -91,8 +96,9 @@ class FusedNorm(nn.Module):
 class TernaryLinear(FusedNorm):
     """A quantized BitLinear for inference: out = quant8(norm(x)) @ (codes · scales)ᵀ, no bias, no autograd."""
 
-    def __init__(self, weight: TernaryTensor, backend: str = "cpp", act_block: int = 0,
-                 norm: nn.Module | None = None) -> None:
+    def __init__(
+        self, weight: TernaryTensor, backend: str = "cpp", act_block: int = 0, norm: nn.Module | None = None
+    ) -> None:
         super().__init__(norm)
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
@@ -116,14 +122,21 @@ class TernaryLinear(FusedNorm):
             self.register_buffer("weight", weight.dense(), persistent=False)  # (out, in) float32
 
     @classmethod
-    def fuse(cls, weights: list[TernaryTensor], backend: str = "cpp", act_block: int = 0,
-             norm: nn.Module | None = None) -> TernaryLinear:
+    def fuse(
+        cls,
+        weights: list[TernaryTensor],
+        backend: str = "cpp",
+        act_block: int = 0,
+        norm: nn.Module | None = None,
+    ) -> TernaryLinear:
         """One linear for several that read the same input (q/k/v, gate/up): their outputs, concatenated."""
         if len(weights) == 1:
             return cls(weights[0], backend, act_block, norm)
 
         def per_row(t: TernaryTensor) -> torch.Tensor:
-            return t.scales.expand(t.codes.shape[0], t.scales.shape[1]) if t.scales.shape[0] == 1 else t.scales
+            return (
+                t.scales.expand(t.codes.shape[0], t.scales.shape[1]) if t.scales.shape[0] == 1 else t.scales
+            )
 
         groups = {t.scales.shape[1] for t in weights}
         if len(groups) != 1:
@@ -138,7 +151,9 @@ class TernaryLinear(FusedNorm):
         if self.backend == "cpp":
             flat = x.reshape(-1, self.in_features).float().contiguous()
             empty = self.norm_weight if self.norm_weight is not None else flat.new_empty(0)
-            out = native_ops().ternary_linear(flat, self.weight, self.code_sums, self.out_scale, empty, self.eps, ACT_EPS)
+            out = native_ops().ternary_linear(
+                flat, self.weight, self.code_sums, self.out_scale, empty, self.eps, ACT_EPS
+            )
             return out.view(*x.shape[:-1], self.out_features)
         q, inv = quantize_tokens(self.norm(x.float()), self.act_block)
         if self.backend == "int8":
@@ -148,8 +163,10 @@ class TernaryLinear(FusedNorm):
         return F.linear(x.flatten(-2) if self.act_block else x, self.weight)
 
     def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, backend={self.backend}, "
-                f"scales={tuple(self.scales.shape)}, norm={self.norm_weight is not None}")
+        return (
+            f"in={self.in_features}, out={self.out_features}, backend={self.backend}, "
+            f"scales={tuple(self.scales.shape)}, norm={self.norm_weight is not None}"
+        )
 
 
 class DenseLinear(FusedNorm):
@@ -167,8 +184,14 @@ class DenseLinear(FusedNorm):
         return F.linear(self.norm(x), self.weight)
 
 
-def fp16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                   is_causal: bool = False, enable_gqa: bool = False) -> torch.Tensor:
+def fp16_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
     """scaled_dot_product_attention with llama.cpp's CPU numerics: q, k, v (its fp16 KV cache) and the
     softmax probabilities rounded to fp16, products accumulated in fp32."""
     if enable_gqa:

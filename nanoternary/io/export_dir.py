@@ -111,7 +111,9 @@ def load_export(
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"corrupt weights file {weights}: {exc}") from exc
     if verify and meta.get("weights_sha256") and sha256_file(weights) != meta["weights_sha256"]:
-        raise ValueError(f"corrupt weights file {weights}: its sha256 does not match the one in {path / META}")
+        raise ValueError(
+            f"corrupt weights file {weights}: its sha256 does not match the one in {path / META}"
+        )
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatch
@@ -123,7 +125,9 @@ def load_export(
         )
     tokenizer = TextTokenizer.from_file(path / TOKENIZER)
     if meta.get("tokenizer_hash") and tokenizer.fingerprint != meta["tokenizer_hash"]:
-        raise ValueError(f"{path / TOKENIZER} is not the tokenizer this model was trained with: its fingerprint "
-                         f"{tokenizer.fingerprint[:12]}... differs from tokenizer_hash {meta['tokenizer_hash'][:12]}... "
-                         f"in {path / META}")
+        raise ValueError(
+            f"{path / TOKENIZER} is not the tokenizer this model was trained with: its fingerprint "
+            f"{tokenizer.fingerprint[:12]}... differs from tokenizer_hash {meta['tokenizer_hash'][:12]}... "
+            f"in {path / META}"
+        )
     return model.to(device).eval(), meta, tokenizer

@@ -37,8 +37,11 @@ FORMAT_VERSION = 1
 BLOCK = 256  # TQ1_0 / TQ2_0 block length: a row must be a whole number of blocks
 QTYPES = {"tq2_0": Q.TQ2_0, "tq1_0": Q.TQ1_0, "f16": Q.F16}
 EMBED_TYPES = {"f16": Q.F16, "f32": Q.F32}
-FILE_TYPES = {Q.TQ2_0: gguf.LlamaFileType.MOSTLY_TQ2_0, Q.TQ1_0: gguf.LlamaFileType.MOSTLY_TQ1_0,
-              Q.F16: gguf.LlamaFileType.MOSTLY_F16}
+FILE_TYPES = {
+    Q.TQ2_0: gguf.LlamaFileType.MOSTLY_TQ2_0,
+    Q.TQ1_0: gguf.LlamaFileType.MOSTLY_TQ1_0,
+    Q.F16: gguf.LlamaFileType.MOSTLY_F16,
+}
 SCALE_SUFFIX = ".scale"
 EMBED = "embed.weight"
 
@@ -60,9 +63,13 @@ BITNET_TOP_NAMES = {EMBED: "token_embd.weight", "norm.weight": "output_norm.weig
 K = gguf.Keys
 # ModelConfig field <- llama.cpp key; every one is required to rebuild a bitnet model
 BITNET_KEYS = {
-    "context_length": K.LLM.CONTEXT_LENGTH, "dim": K.LLM.EMBEDDING_LENGTH, "n_layers": K.LLM.BLOCK_COUNT,
-    "ffn_dim": K.LLM.FEED_FORWARD_LENGTH, "n_heads": K.Attention.HEAD_COUNT,
-    "n_kv_heads": K.Attention.HEAD_COUNT_KV, "norm_eps": K.Attention.LAYERNORM_RMS_EPS,
+    "context_length": K.LLM.CONTEXT_LENGTH,
+    "dim": K.LLM.EMBEDDING_LENGTH,
+    "n_layers": K.LLM.BLOCK_COUNT,
+    "ffn_dim": K.LLM.FEED_FORWARD_LENGTH,
+    "n_heads": K.Attention.HEAD_COUNT,
+    "n_kv_heads": K.Attention.HEAD_COUNT_KV,
+    "norm_eps": K.Attention.LAYERNORM_RMS_EPS,
     "rope_theta": K.Rope.FREQ_BASE,
 }
 TOKENIZER_KEYS = (K.Tokenizer.LIST, K.Tokenizer.TOKEN_TYPE, K.Tokenizer.MERGES)
@@ -87,7 +94,9 @@ def bitnet_misfits(cfg: ModelConfig) -> list[str]:
     if not cfg.sub_norms:
         out.append("attn_sub_norm/ffn_sub_norm (model.sub_norms=true), got false")
     if cfg.group_size != 0:
-        out.append(f"one weight scale per tensor as llama.cpp applies it (model.group_size=0), got {cfg.group_size}")
+        out.append(
+            f"one weight scale per tensor as llama.cpp applies it (model.group_size=0), got {cfg.group_size}"
+        )
     for name, width in (("dim", cfg.dim), ("ffn_dim", cfg.ffn_dim)):
         if width % BLOCK:
             out.append(f"model.{name} a multiple of {BLOCK} (TQ block length), got {width}")
@@ -159,13 +168,20 @@ def gguf_vocab(tokenizer: TextTokenizer, vocab_size: int) -> tuple[list[str], li
 
 def tokenizer_from_vocab(tokens: list[str], types: list[int], merges: list[str]) -> TextTokenizer:
     """The byte-level BPE tokenizer that `tokenizer.ggml.*` describes (the inverse of `gguf_vocab`)."""
-    vocab = {t: i for i, (t, kind) in enumerate(zip(tokens, types, strict=True)) if kind != gguf.TokenType.UNUSED}
+    vocab = {
+        t: i for i, (t, kind) in enumerate(zip(tokens, types, strict=True)) if kind != gguf.TokenType.UNUSED
+    }
     pairs = [tuple(m.split(" ", 1)) for m in merges]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True) for t, kind in zip(tokens, types, strict=True)
-                            if kind == gguf.TokenType.CONTROL])
+    tok.add_special_tokens(
+        [
+            AddedToken(t, special=True)
+            for t, kind in zip(tokens, types, strict=True)
+            if kind == gguf.TokenType.CONTROL
+        ]
+    )
     return TextTokenizer(tok)
 
 
@@ -207,7 +223,9 @@ def write_gguf(
     if arch == "nanoternary":
         writer.add_uint32("nanoternary.format_version", FORMAT_VERSION)
         writer.add_string("nanoternary.config", json.dumps(cfg.to_dict(), sort_keys=True))
-    writer.add_string("nanoternary.meta", json.dumps(tensors.meta, sort_keys=True, default=str))  # llama.cpp ignores it
+    writer.add_string(
+        "nanoternary.meta", json.dumps(tensors.meta, sort_keys=True, default=str)
+    )  # llama.cpp ignores it
     write_tokenizer(writer, tensors.tokenizer, cfg.vocab_size)
 
     total, done = len(tensors.dense) + len(tensors.ternary), 0
@@ -268,7 +286,9 @@ def open_reader(path: str | Path) -> gguf.GGUFReader:
     size = path.stat().st_size
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
-            raise ValueError(f"truncated GGUF file {path}: tensor {t.name!r} extends past the end of the file")
+            raise ValueError(
+                f"truncated GGUF file {path}: tensor {t.name!r} extends past the end of the file"
+            )
     return reader
 
 
@@ -305,7 +325,9 @@ def read_tokenizer(reader: gguf.GGUFReader, path: Path) -> TextTokenizer:
     missing_keys(reader, [K.Tokenizer.MODEL, *TOKENIZER_KEYS], path)
     model = field_value(reader, K.Tokenizer.MODEL, path)
     if model != "gpt2":
-        raise ValueError(f"GGUF file {path}: tokenizer.ggml.model is {model!r}; only byte-level BPE 'gpt2' is supported")
+        raise ValueError(
+            f"GGUF file {path}: tokenizer.ggml.model is {model!r}; only byte-level BPE 'gpt2' is supported"
+        )
     return tokenizer_from_vocab(*(field_value(reader, k, path) for k in TOKENIZER_KEYS))
 
 
@@ -335,11 +357,17 @@ def read_gguf(path: str | Path) -> ModelTensors:
             dense[name] = torch.from_numpy(values.copy())
             continue
         if not np.isin(values, (-1.0, 0.0, 1.0)).all():
-            raise ValueError(f"GGUF file {path}: {gname} holds values outside {{-1, 0, +1}}: not ternary codes")
+            raise ValueError(
+                f"GGUF file {path}: {gname} holds values outside {{-1, 0, +1}}: not ternary codes"
+            )
         scales = torch.from_numpy(tensor_array(arrays[scale_name(gname)]).copy())
         codes = torch.from_numpy(values.astype(np.int8))
         ternary[name] = TernaryTensor(codes, scales.reshape(1, 1) if scales.numel() == 1 else scales)
-    meta = json.loads(field_value(reader, "nanoternary.meta", path)) if "nanoternary.meta" in reader.fields else {}
+    meta = (
+        json.loads(field_value(reader, "nanoternary.meta", path))
+        if "nanoternary.meta" in reader.fields
+        else {}
+    )
     return ModelTensors(cfg, dense, ternary, tokenizer, {**meta, "gguf_arch": arch})
 
 
@@ -356,11 +384,20 @@ def verify_gguf(path: Path, expected: ModelTensors, embed_type: str) -> None:
     for key, v in expected.dense.items():
         want = v.half().float() if key == EMBED and embed_type == "f16" else v.float()
         if got.dense[key].shape != want.shape or not torch.equal(got.dense[key], want):
-            raise ValueError(f"GGUF check failed for {path}: {key} differs (shape {tuple(got.dense[key].shape)})")
+            raise ValueError(
+                f"GGUF check failed for {path}: {key} differs (shape {tuple(got.dense[key].shape)})"
+            )
 
 
-def export_gguf(path: str | Path, tensors: ModelTensors, arch: str = "nanoternary", qtype: str = "tq2_0",
-                embed_type: str = "f16", name: str = "nanoternary", progress: Progress | None = None) -> Path:
+def export_gguf(
+    path: str | Path,
+    tensors: ModelTensors,
+    arch: str = "nanoternary",
+    qtype: str = "tq2_0",
+    embed_type: str = "f16",
+    name: str = "nanoternary",
+    progress: Progress | None = None,
+) -> Path:
     """Write to a temp file, verify it by reading it back, then rename it into place atomically."""
     path = Path(path)
     with atomic_file(path) as tmp:
@@ -369,19 +406,44 @@ def export_gguf(path: str | Path, tensors: ModelTensors, arch: str = "nanoternar
     return path
 
 
-def write_model_gguf(path: Path, tensors: ModelTensors, arch: str = "auto", qtype: str = "tq2_0",
-                     embed_type: str = "f16", name: str = "nanoternary", progress: bool = False) -> Path:
+def write_model_gguf(
+    path: Path,
+    tensors: ModelTensors,
+    arch: str = "auto",
+    qtype: str = "tq2_0",
+    embed_type: str = "f16",
+    name: str = "nanoternary",
+    progress: bool = False,
+) -> Path:
     """export_gguf with a progress bar and a log line; arch `auto` picks bitnet when the model fits it."""
     arch = choose_arch(arch, tensors.cfg)
     total = len(tensors.dense) + len(tensors.ternary)
-    with tqdm(total=total, desc=f"GGUF {path.name} ({arch}, {qtype})", disable=not progress, leave=False) as bar:
-        export_gguf(path, tensors, arch, qtype, embed_type, name,
-                    progress=lambda done, _total, _name: bar.update(done - bar.n))
+    with tqdm(
+        total=total, desc=f"GGUF {path.name} ({arch}, {qtype})", disable=not progress, leave=False
+    ) as bar:
+        export_gguf(
+            path,
+            tensors,
+            arch,
+            qtype,
+            embed_type,
+            name,
+            progress=lambda done, _total, _name: bar.update(done - bar.n),
+        )
     log.info("wrote %s (arch %s, %s, %.2f MB)", path, arch, qtype, path.stat().st_size / 1e6)
     return path
 
 
-def folder_to_gguf(folder: Path, arch: str = "auto", qtype: str = "tq2_0", embed_type: str = "f16",
-                   progress: bool = False) -> Path:
+def folder_to_gguf(
+    folder: Path, arch: str = "auto", qtype: str = "tq2_0", embed_type: str = "f16", progress: bool = False
+) -> Path:
     """Convert one model folder into <folder>/model.gguf (atomic, verified)."""
-    return write_model_gguf(folder / GGUF_NAME, ModelTensors.from_folder(folder), arch, qtype, embed_type, display_name(folder), progress)
+    return write_model_gguf(
+        folder / GGUF_NAME,
+        ModelTensors.from_folder(folder),
+        arch,
+        qtype,
+        embed_type,
+        display_name(folder),
+        progress,
+    )

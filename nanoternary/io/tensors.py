@@ -32,7 +32,9 @@ class TernaryTensor:
         out, inp = self.codes.shape
         rows, groups = self.scales.shape
         if (rows, groups) != (1, 1) and (rows != out or inp % groups):
-            raise ValueError(f"scales of shape {tuple(self.scales.shape)} do not fit codes of shape {(out, inp)}")
+            raise ValueError(
+                f"scales of shape {tuple(self.scales.shape)} do not fit codes of shape {(out, inp)}"
+            )
 
     def dense(self) -> torch.Tensor:
         """The float32 weight the training forward pass multiplies with."""
@@ -52,7 +54,9 @@ class ModelTensors:
     meta: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_model(cls, model: TernaryLM, tokenizer: TextTokenizer, meta: dict[str, Any] | None = None) -> ModelTensors:
+    def from_model(
+        cls, model: TernaryLM, tokenizer: TextTokenizer, meta: dict[str, Any] | None = None
+    ) -> ModelTensors:
         """Split a TernaryLM: quantized BitLinears become codes + scales exactly as its forward pass uses them."""
         ternary = {
             f"{name}.weight": TernaryTensor(*module.ternary())

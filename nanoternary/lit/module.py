@@ -26,6 +26,7 @@ from nanoternary.optim.factory import make_optimizers
 
 log = logging.getLogger(__name__)
 
+
 def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of a (batch, seq + 1) token block (end-of-text is a target too)."""
     logits = model(batch[:, :-1])
@@ -48,8 +49,16 @@ class LitTernaryLM(L.LightningModule):
     ) -> None:
         super().__init__()
         model, optim = to_container(model), to_container(optim)
-        self.save_hyperparameters(dict(model=model, optim=optim, token_bytes=token_bytes, eot_id=eot_id, compile=compile,
-                                       max_nonfinite_steps=max_nonfinite_steps))
+        self.save_hyperparameters(
+            dict(
+                model=model,
+                optim=optim,
+                token_bytes=token_bytes,
+                eot_id=eot_id,
+                compile=compile,
+                max_nonfinite_steps=max_nonfinite_steps,
+            )
+        )
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
         self.stop_reason: str | None = None
         self._loss_sum: torch.Tensor | None = None
@@ -61,7 +70,9 @@ class LitTernaryLM(L.LightningModule):
         if self.accumulate < 1:
             raise ValueError(f"optim.accumulate must be >= 1, got {self.accumulate}")
         self.eot_id = eot_id
-        bytes_table = torch.tensor(token_bytes if token_bytes is not None else [0] * self.model_config.vocab_size)
+        bytes_table = torch.tensor(
+            token_bytes if token_bytes is not None else [0] * self.model_config.vocab_size
+        )
         self.register_buffer("token_bytes", bytes_table, persistent=False)
         self.train_loss_fn = torch.compile(lm_loss, dynamic=False) if compile else lm_loss
         self._val_sums: torch.Tensor | None = None
@@ -114,8 +125,12 @@ class LitTernaryLM(L.LightningModule):
         self.nonfinite.record(finite)
         if not finite:
             step = self.trainer.global_step + 1
-            log.warning("step %d: non-finite loss or gradient norm, optimizer step skipped (%d in a row, %d in all)",
-                        step, self.nonfinite.consecutive, self.nonfinite.skipped)
+            log.warning(
+                "step %d: non-finite loss or gradient norm, optimizer step skipped (%d in a row, %d in all)",
+                step,
+                self.nonfinite.consecutive,
+                self.nonfinite.skipped,
+            )
             if self.nonfinite.exhausted:
                 self.request_stop(
                     f"{self.nonfinite.consecutive} optimizer steps in a row (up to step {step}) had a non-finite "
@@ -149,7 +164,11 @@ class LitTernaryLM(L.LightningModule):
             self._val_sums += nll_bytes_sums(self.model, batch, self.token_bytes, self.eot_id)
 
     def on_validation_epoch_end(self) -> None:
-        sums = self.all_gather(self._val_sums).reshape(-1, 3).sum(0) if self.trainer.world_size > 1 else self._val_sums
+        sums = (
+            self.all_gather(self._val_sums).reshape(-1, 3).sum(0)
+            if self.trainer.world_size > 1
+            else self._val_sums
+        )
         score = score_from_sums(sums)
         self.log("val/loss", score.loss)
         self.log("val/ppl", math.exp(min(score.loss, 50.0)))

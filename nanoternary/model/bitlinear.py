@@ -13,7 +13,12 @@ class BitLinear(nn.Linear):
     """Full-precision latent weights, quantized on the fly (STE); `quantize=False` gives a plain Linear."""
 
     def __init__(
-        self, in_features: int, out_features: int, quantize: bool = True, group_size: int = 256, fp16_scales: bool = True
+        self,
+        in_features: int,
+        out_features: int,
+        quantize: bool = True,
+        group_size: int = 256,
+        fp16_scales: bool = True,
     ) -> None:
         super().__init__(in_features, out_features, bias=False)
         self.quantize = quantize
@@ -23,7 +28,9 @@ class BitLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quantize:
             return F.linear(x, self.weight)
-        return F.linear(quantize_activation(x), quantize_weight(self.weight, self.group_size, self.fp16_scales))
+        return F.linear(
+            quantize_activation(x), quantize_weight(self.weight, self.group_size, self.fp16_scales)
+        )
 
     @torch.no_grad()
     def ternary(self) -> tuple[torch.Tensor, torch.Tensor]:

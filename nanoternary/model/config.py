@@ -25,7 +25,9 @@ class MHCConfig:
         if self.mode not in MHC_MODES:
             raise ValueError(f"model.mhc.mode must be one of {MHC_MODES}, got {self.mode!r}")
         if self.mode == "seed" and self.n_streams != 2:
-            raise ValueError("model.mhc.mode='seed' is the original system's 2-stream variant: set n_streams=2")
+            raise ValueError(
+                "model.mhc.mode='seed' is the original system's 2-stream variant: set n_streams=2"
+            )
         if self.mode == "dynamic" and self.n_streams > 1 and not self.gate_init:
             raise ValueError(
                 "model.mhc.gate_init must be non-zero in dynamic mode: a zero gate times a zero-initialised "
@@ -61,11 +63,15 @@ class ModelConfig:
         if self.dim % self.n_heads:
             raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads}")
+            raise ValueError(
+                f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads}"
+            )
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.group_size < 0:
-            raise ValueError(f"model.group_size must be >= 0 (0 = one scale per tensor), got {self.group_size}")
+            raise ValueError(
+                f"model.group_size must be >= 0 (0 = one scale per tensor), got {self.group_size}"
+            )
         if self.quantize and self.group_size:
             for name, width in (("dim", self.dim), ("ffn_dim", self.ffn_dim)):
                 if width % self.group_size:

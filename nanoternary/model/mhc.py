@@ -97,8 +97,16 @@ class MHCLiteResidual(StreamResidual):
     that sum. Its parameters there would never receive a gradient.
     """
 
-    def __init__(self, n_streams: int, dim: int, favoured: int, dynamic: bool, gate_init: float, eps: float,
-                 mix: bool = True) -> None:
+    def __init__(
+        self,
+        n_streams: int,
+        dim: int,
+        favoured: int,
+        dynamic: bool,
+        gate_init: float,
+        eps: float,
+        mix: bool = True,
+    ) -> None:
         super().__init__(n_streams)
         n = n_streams
         self.eps = eps
@@ -168,7 +176,9 @@ class StreamIO(nn.Module):
         return h.unsqueeze(-2).repeat_interleave(self.n_streams, dim=-2)
 
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
-        weights = x.new_full((self.n_streams,), 1 / self.n_streams if self.reduce_mean else 1.0, dtype=torch.float32)
+        weights = x.new_full(
+            (self.n_streams,), 1 / self.n_streams if self.reduce_mean else 1.0, dtype=torch.float32
+        )
         with no_autocast(x):
             return torch.einsum("...nc,n->...c", x.float(), weights)
 
@@ -182,8 +192,15 @@ def make_mhc_residual(cfg: ModelConfig, sublayer_index: int) -> StreamResidual:
     if m.mode == "seed":
         return SeedResidual()
     favoured = (sublayer_index // 2) % m.n_streams
-    return MHCLiteResidual(m.n_streams, cfg.dim, favoured, m.mode == "dynamic", m.gate_init, cfg.norm_eps,
-                           mix=0 < sublayer_index < 2 * cfg.n_layers - 1)
+    return MHCLiteResidual(
+        m.n_streams,
+        cfg.dim,
+        favoured,
+        m.mode == "dynamic",
+        m.gate_init,
+        cfg.norm_eps,
+        mix=0 < sublayer_index < 2 * cfg.n_layers - 1,
+    )
 
 
 def make_stream_io(cfg: ModelConfig) -> StreamIO:
@@ -252,7 +269,8 @@ class MHCProbe:
             return {}
         out = {
             "mhc/composite_gain": self.gain if self._product is not None else 1.0,
-            "mhc/stream_distance": (self.pair_distance_sum / self.pair_count) / (self.norm_sum / self.norm_count),
+            "mhc/stream_distance": (self.pair_distance_sum / self.pair_count)
+            / (self.norm_sum / self.norm_count),
         }
         if self.identity_count:
             out["mhc/res_identity_weight"] = self.identity_sum / self.identity_count

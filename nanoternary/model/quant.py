@@ -33,7 +33,9 @@ def expand_scales(scales: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return scales.repeat_interleave(inp // scales.shape[1], dim=1)
 
 
-def ternarize(w: torch.Tensor, group_size: int, fp16_scales: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def ternarize(
+    w: torch.Tensor, group_size: int, fp16_scales: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (codes in {-1,0,1} as int8, scales) of a 2-D weight."""
     scales = weight_scales(w, group_size, fp16_scales)
     codes = (w.detach().float() / expand_scales(scales, w.shape)).round().clamp(-1, 1)

@@ -12,8 +12,9 @@ from nanoternary.optim.lion import Lion
 from nanoternary.optim.muon import BatchedMuon
 
 
-def make_optimizers(model: nn.Module, optim: dict[str, Any],
-                    muon_cls: type[torch.optim.Muon] = BatchedMuon) -> list[torch.optim.Optimizer]:
+def make_optimizers(
+    model: nn.Module, optim: dict[str, Any], muon_cls: type[torch.optim.Muon] = BatchedMuon
+) -> list[torch.optim.Optimizer]:
     """[AdamW] for `name: adamw`; [Muon, Lion] for `name: muon_lion` (conf/optim/*.yaml).
 
     `muon_cls` lets the speed benchmark's reference loop use torch.optim.Muon itself; the batched
@@ -22,13 +23,23 @@ def make_optimizers(model: nn.Module, optim: dict[str, Any],
     name = optim["name"]
     if name == "adamw":
         cfg = optim["adamw"]
-        return [torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]),
-                                  weight_decay=cfg["weight_decay"])]
+        return [
+            torch.optim.AdamW(
+                model.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"]
+            )
+        ]
     if name != "muon_lion":
         raise ValueError(f"unknown optim.name {name!r}; expected 'muon_lion' or 'adamw'")
     muon_params, lion_params = split_params(model)
     m, li = optim["muon"], optim["lion"]
-    muon = muon_cls(muon_params, lr=m["lr"], weight_decay=m["weight_decay"], momentum=m["momentum"],
-                    nesterov=m["nesterov"], ns_steps=m["ns_steps"], adjust_lr_fn=m["adjust_lr_fn"])
+    muon = muon_cls(
+        muon_params,
+        lr=m["lr"],
+        weight_decay=m["weight_decay"],
+        momentum=m["momentum"],
+        nesterov=m["nesterov"],
+        ns_steps=m["ns_steps"],
+        adjust_lr_fn=m["adjust_lr_fn"],
+    )
     lion = Lion(lion_params, lr=li["lr"], betas=tuple(li["betas"]), weight_decay=li["weight_decay"])
     return [muon, lion]

@@ -17,7 +17,9 @@ from collections import defaultdict
 import torch
 
 
-def newton_schulz(stack: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> torch.Tensor:
+def newton_schulz(
+    stack: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float
+) -> torch.Tensor:
     """Approximate orthogonalization of each (rows <= cols) matrix of a (k, rows, cols) stack, in bf16."""
     a, b, c = coefficients
     x = stack.bfloat16()
@@ -70,9 +72,13 @@ class BatchedMuon(torch.optim.Muon):
             for shape, index in by_shape.items():
                 tall = shape[0] > shape[1]
                 stack = torch.stack([updates[i] for i in index])
-                ortho = newton_schulz(stack.mT if tall else stack, group["ns_coefficients"], group["ns_steps"],
-                                      group["eps"])
+                ortho = newton_schulz(
+                    stack.mT if tall else stack, group["ns_coefficients"], group["ns_steps"], group["eps"]
+                )
                 ortho = (ortho.mT if tall else ortho).float()  # exact; the fp32 add torch.optim.Muon does
-                torch._foreach_add_([params[i] for i in index], list(ortho.unbind(0)),
-                                    alpha=-adjusted_lr(lr, group["adjust_lr_fn"], shape))
+                torch._foreach_add_(
+                    [params[i] for i in index],
+                    list(ortho.unbind(0)),
+                    alpha=-adjusted_lr(lr, group["adjust_lr_fn"], shape),
+                )
         return loss

@@ -26,7 +26,8 @@ from tests.models import preset
 from tests.tiny_run import prepared, tiny_trainer
 
 llama_cpp = pytest.importorskip(
-    "llama_cpp", reason="llama-cpp-python is not installed: pip install -e '.[llama]' (compiles llama.cpp, ~6 min)"
+    "llama_cpp",
+    reason="llama-cpp-python is not installed: pip install -e '.[llama]' (compiles llama.cpp, ~6 min)",
 )
 
 PROMPTS = [
@@ -46,9 +47,16 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
     dm.corpus = prepared(str(cache_dir))
     optim = OmegaConf.to_container(OmegaConf.load(REPO_ROOT / "conf" / "optim" / "muon_lion.yaml"))
     optim["lion"]["lr"] = 1e-3  # embeddings and norms learn fast enough for peaked logits in a few steps
-    module = LitTernaryLM(model=preset("tiny_bitnet").to_dict(), optim=optim, token_bytes=dm.corpus.token_bytes(),
-                          eot_id=dm.corpus.eot_id)
-    callbacks = [ModelExport(str(out / "export"), final_eval=False), GGUFExport(str(out / "export"), progress=False)]
+    module = LitTernaryLM(
+        model=preset("tiny_bitnet").to_dict(),
+        optim=optim,
+        token_bytes=dm.corpus.token_bytes(),
+        eot_id=dm.corpus.eot_id,
+    )
+    callbacks = [
+        ModelExport(str(out / "export"), final_eval=False),
+        GGUFExport(str(out / "export"), progress=False),
+    ]
     tiny_trainer(out, STEPS, callbacks, limit_val_batches=0).fit(module, datamodule=dm)
     return out
 
@@ -62,8 +70,9 @@ def gguf_path(run_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def llm(gguf_path: Path):
-    return llama_cpp.Llama(str(gguf_path), n_ctx=256, n_batch=256, n_threads=2, logits_all=True, verbose=False,
-                           seed=0)
+    return llama_cpp.Llama(
+        str(gguf_path), n_ctx=256, n_batch=256, n_threads=2, logits_all=True, verbose=False, seed=0
+    )
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,12 @@ def test_fast_run_writes_every_file_and_honours_max_steps(tmp_path, cache_dir):
         "step-00000004.ckpt",
     ]
     final = out / "export" / "final"
-    assert sorted(p.name for p in final.iterdir()) == ["meta.json", "model.gguf", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in final.iterdir()) == [
+        "meta.json",
+        "model.gguf",
+        "model.safetensors",
+        "tokenizer.json",
+    ]
     meta = json.loads((final / "meta.json").read_text())
     assert meta["step"] == 5
     assert meta["tokens_seen"] == 5 * 4 * 256

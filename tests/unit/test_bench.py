@@ -37,7 +37,10 @@ def test_every_loop_is_timed_every_round(speed):
     assert set(speed["warmup_s"]) == {"A", "B", "bare"}
     assert speed["batch"] == [8, 65] and speed["tokens_per_step"] == 8 * 64
     assert speed["compile"] is False and speed["precision"] in ("bf16-mixed", "32-true")
-    assert speed["params"] == TernaryLM(ModelConfig(n_layers=1, context_length=64, mhc=dict(n_streams=4))).num_parameters()
+    assert (
+        speed["params"]
+        == TernaryLM(ModelConfig(n_layers=1, context_length=64, mhc=dict(n_streams=4))).num_parameters()
+    )
     assert 0 < speed["peak_rss_mb"] < 4096 and len(speed["load_avg_before"]) == 3
 
 
@@ -45,7 +48,9 @@ def test_ratios_are_medians_of_per_round_ratios(speed):
     rate = {name: [512 / wall for wall, _ in chunks] for name, chunks in speed["chunks"].items()}
     assert speed["A_tokens_per_s"] == statistics.median(rate["A"])
     assert speed["A_over_B"] == statistics.median(a / b for a, b in zip(rate["A"], rate["B"], strict=True))
-    assert speed["A_over_bare"] == statistics.median(a / b for a, b in zip(rate["A"], rate["bare"], strict=True))
+    assert speed["A_over_bare"] == statistics.median(
+        a / b for a, b in zip(rate["A"], rate["bare"], strict=True)
+    )
     assert speed["B_cpu_s_per_step"] == statistics.median(cpu for _, cpu in speed["chunks"]["B"])
 
 
@@ -61,10 +66,18 @@ def test_flops_per_step_count_every_matmul(speed):
 
 def test_table_has_a_row_per_loop_and_the_ratios(speed):
     lines = speed_table([speed]).splitlines()
-    assert lines[0].startswith("device cpu, torch ") and "OMP_WAIT_POLICY=" in lines[0] and "compile=False" in lines[0]
+    assert (
+        lines[0].startswith("device cpu, torch ")
+        and "OMP_WAIT_POLICY=" in lines[0]
+        and "compile=False" in lines[0]
+    )
     assert lines[1].split() == ["model", "loop", "tokens/s", "CPU", "s/step", "first", "step", "s"]
     assert [line.split()[:2] for line in lines[2:5]] == [["tiny", "A"], ["tiny", "B"], ["tiny", "bare"]]
-    assert "Lightning (train.py)" in lines[2] and "eager fp32 reference" in lines[3] and "no Lightning" in lines[4]
+    assert (
+        "Lightning (train.py)" in lines[2]
+        and "eager fp32 reference" in lines[3]
+        and "no Lightning" in lines[4]
+    )
     assert f"{speed['A_tokens_per_s']:,.0f}" in lines[2]
     summary = lines[5]
     assert summary.startswith("tiny ") and f"A/B {speed['A_over_B']:.2f}" in summary
@@ -87,12 +100,16 @@ def test_curves_summary_and_plot(tmp_path):
     assert out["max_abs_diff_2_step_mean"] == pytest.approx(0.05)
     assert (out["first_A"], out["final_B"]) == (4.0, 2.2)
     png = tmp_path / "curves.png"
-    assert plot_curves({"A_loss": a, "B_loss": b, "model": "tiny", "precision": "bf16-mixed", "compile": True}, png)
+    assert plot_curves(
+        {"A_loss": a, "B_loss": b, "model": "tiny", "precision": "bf16-mixed", "compile": True}, png
+    )
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_plain_loop_applies_the_schedule_and_clips(cache_dir):
-    model = TernaryLM(ModelConfig(n_layers=1, context_length=16, vocab_size=64, dim=256, mhc=dict(n_streams=1)))
+    model = TernaryLM(
+        ModelConfig(n_layers=1, context_length=16, vocab_size=64, dim=256, mhc=dict(n_streams=1))
+    )
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     batches = iter([torch.randint(0, 64, (2, 17)) for _ in range(2)])
     wsd = dict(warmup_steps=4, decay_fraction=0.0, final_mult=0.1, shape="linear", total_steps=None)
@@ -111,20 +128,35 @@ def test_autocast_for_the_trainer_precisions():
     assert autocast_for("32-true", torch.device("cpu"))().__class__.__name__ == "nullcontext"
     ctx = autocast_for("bf16-mixed", torch.device("cpu"))()
     assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16
-    with pytest.raises(ValueError, match=r"trainer.precision='16-mixed' is not supported by the benchmark's bare loop"):
+    with pytest.raises(
+        ValueError, match=r"trainer.precision='16-mixed' is not supported by the benchmark's bare loop"
+    ):
         autocast_for("16-mixed", torch.device("cpu"))
 
 
 def bench_cli(*args: str, tmp_path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.run([sys.executable, "-m", "nanoternary.cli.bench", *args, f"run_dir={tmp_path}"],
-                          capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "nanoternary.cli.bench", *args, f"run_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO_ROOT,
+        timeout=600,
+    )
 
 
 def test_cli_prints_the_table_and_writes_the_json(tmp_path, cache_dir):
     overrides = "train_overrides=[" + ",".join(FAST) + "]"
-    proc = bench_cli("train", "models=[seed_tiny]", "warmup_steps=1", "chunk_steps=1", "rounds=1", overrides,
-                     tmp_path=tmp_path)
+    proc = bench_cli(
+        "train",
+        "models=[seed_tiny]",
+        "warmup_steps=1",
+        "chunk_steps=1",
+        "rounds=1",
+        overrides,
+        tmp_path=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out == json.loads((tmp_path / "bench.json").read_text())

@@ -58,6 +58,8 @@ def test_prepared_corpus_tokenizer_and_cache(code_corpus):
     heldout = dm.heldout_bytes()
     # every held-out byte is accounted for by the token byte table (EOT separators count 0)
     assert corpus.tokenizer.token_bytes()[np.asarray(corpus.val_tokens)].sum() == len(heldout)
-    assert int((np.asarray(corpus.val_tokens) == corpus.tokenizer.eot_id).sum()) == len(list(dm.documents("val")))
+    assert int((np.asarray(corpus.val_tokens) == corpus.tokenizer.eot_id).sum()) == len(
+        list(dm.documents("val"))
+    )
     again = TokenDataModule("code", 4, 64, 4096, str(dm.cache_dir)).prepare()
     assert again.cache_dir == corpus.cache_dir and again.tokenizer_hash == corpus.tokenizer_hash

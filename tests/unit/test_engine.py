@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nanoternary.infer.engine import Engine, Generation
 from nanoternary.infer.kernels import TernaryLinear, pack_codes, unpack_codes
 from nanoternary.infer.sampling import SamplingParams
 from nanoternary.io.tensors import ModelTensors, TernaryTensor
-from nanoternary.model.config import ModelConfig
-from tests.models import assert_same_logits, random_model
+from nanoternary.model.config import MHCConfig, ModelConfig
+from nanoternary.model.quant import quantize_activation
+from nanoternary.model.transformer import RMSNorm
+from tests.models import assert_close_logits, assert_same_logits, random_model
 
 CODE = "def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n"
 SMALL = ModelConfig(n_layers=2, context_length=64, sub_norms=True, group_size=0)
@@ -26,16 +29,25 @@ def small_engine(tokenizer):
     return Engine(ModelTensors.from_model(random_model(SMALL), tokenizer))
 
 
-def test_int8_and_fp32_backends_agree_exactly_on_integer_sums():
+def test_backends_agree_on_the_integer_sums_with_and_without_a_fused_norm():
     torch.manual_seed(0)
     codes = torch.randint(-1, 2, (96, 256), dtype=torch.int8)
     weight = TernaryTensor(codes, torch.tensor([[0.0123]]))
+    norm = RMSNorm(256, 1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
     x = torch.randn(5, 256)
-    fast, ref = TernaryLinear(weight, "int8"), TernaryLinear(weight, "fp32")
-    assert fast.backend == "int8" and ref.backend == "fp32"
-    assert torch.allclose(fast(x), ref(x), rtol=1e-6, atol=1e-6)
-    grouped = TernaryLinear(TernaryTensor(codes, torch.rand(96, 2) + 0.01), "int8")
-    assert grouped.backend == "fp32"  # int8 needs one scale per row or tensor
+    for fused in (None, norm):
+        ref = TernaryLinear(weight, "fp32", norm=fused)
+        want = ref(x)
+        for backend in ("int8", "cpp"):
+            fast = TernaryLinear(weight, backend, norm=fused)
+            assert fast.backend == backend
+            assert torch.allclose(fast(x), want, rtol=1e-5, atol=1e-5), (backend, fused)
+    expected = F.linear(quantize_activation(norm(x)), weight.dense())  # the training BitLinear's arithmetic
+    assert torch.equal(TernaryLinear(weight, "fp32", norm=norm)(x), expected)
+    grouped = TernaryLinear(TernaryTensor(codes, torch.rand(96, 2) + 0.01), "cpp")
+    assert grouped.backend == "fp32"  # cpp and int8 need one scale per row or tensor
 
 
 def test_packed_codes_round_trip():
@@ -45,17 +57,27 @@ def test_packed_codes_round_trip():
     assert torch.equal(unpack_codes(packed, 13), codes)
 
 
-def test_incremental_decode_matches_full_prefill(small_engine, tokenizer):
+@pytest.mark.parametrize("backend", ["cpp", "int8"])  # exact integer sums: the decode paths
+@pytest.mark.parametrize(
+    "cfg",
+    [SMALL, ModelConfig(n_layers=2, n_kv_heads=2, context_length=64, mhc=MHCConfig(n_streams=2))],
+    ids=["bitnet_shape", "gqa_mhc2"],
+)
+def test_incremental_decode_matches_the_training_model(cfg, backend, tokenizer):
+    model = random_model(cfg)
+    engine = Engine(ModelTensors.from_model(model, tokenizer), backend=backend)
+    assert engine.backend == backend
     ids = tokenizer.encode(CODE)
-    full = small_engine.score(ids)
-    seq = small_engine.start(ids[:3])
-    rows = [small_engine.step([seq])[0]]
+    with torch.no_grad():
+        want = model(torch.tensor([ids]))[0]
+    seq = engine.start(ids[:3])
+    rows = [engine.step([seq])[0]]
     for t in ids[3:]:
-        small_engine.append(seq, t)
-        rows.append(small_engine.step([seq])[0])
+        engine.append(seq, t)
+        rows.append(engine.step([seq])[0])
     decoded = torch.stack(rows)
-    assert torch.equal(decoded.argmax(-1), full[2:].argmax(-1))
-    assert_same_logits(decoded, full[2:])
+    assert_same_logits(decoded, engine.score(ids)[2:])  # the KV-cached path = one prefill, same arithmetic
+    assert_close_logits(decoded, want[2:])  # exact integer sums vs the training forward's float sums
 
 
 def test_one_step_prefills_and_decodes_sequences_of_different_lengths(small_engine, tokenizer):
@@ -98,7 +120,9 @@ def logits_for(token: int, vocab: int) -> torch.Tensor:
     return row
 
 
-def feed_tokens(engine: Engine, tokens: list[int], stop: list[str], max_tokens: int = 20) -> tuple[Generation, list[str]]:
+def feed_tokens(
+    engine: Engine, tokens: list[int], stop: list[str], max_tokens: int = 20
+) -> tuple[Generation, list[str]]:
     """Drive a Generation with logits that force `tokens` (greedy), as Engine.step's rows would."""
     gen = Generation(engine, [engine.eot_id], SamplingParams(max_tokens=max_tokens, stop=stop))
     deltas = []
@@ -134,7 +158,9 @@ def test_split_utf8_character_is_streamed_whole(small_engine):
 
 
 def test_max_tokens_and_context_limit_finish_with_length(tokenizer):
-    engine = Engine(ModelTensors.from_model(random_model(ModelConfig(n_layers=1, context_length=8)), tokenizer))
+    engine = Engine(
+        ModelTensors.from_model(random_model(ModelConfig(n_layers=1, context_length=8)), tokenizer)
+    )
     prompt = tokenizer.decode(tokenizer.encode(CODE)[:5])
     assert len(engine.encode_prompt(prompt)) == 5
     done = engine.generate([prompt], max_tokens=100)[0]

@@ -40,7 +40,8 @@ def bitnet(bitnet_model, tokenizer):
 
 
 @pytest.mark.parametrize(
-    "cfg", [preset("tiny", mhc=MHCConfig(n_streams=4)), preset("seed_tiny"), preset("tiny_bitnet")],
+    "cfg",
+    [preset("tiny", mhc=MHCConfig(n_streams=4)), preset("seed_tiny"), preset("tiny_bitnet")],
     ids=["tiny_mhc4", "seed_tiny", "tiny_bitnet"],
 )
 def test_export_folder_and_gguf_logits_equal_the_training_model(cfg, tokenizer, tmp_path):
@@ -52,8 +53,9 @@ def test_export_folder_and_gguf_logits_equal_the_training_model(cfg, tokenizer, 
     engine = Engine.from_path(folder, backend="fp32")
     assert_same_logits(engine.score(ids), want)
     assert engine.num_parameters == model.num_parameters() and engine.name == "final"
-    path = export_gguf(tmp_path / "m.gguf", ModelTensors.from_model(model, tokenizer), arch="nanoternary",
-                       embed_type="f32")
+    path = export_gguf(
+        tmp_path / "m.gguf", ModelTensors.from_model(model, tokenizer), arch="nanoternary", embed_type="f32"
+    )
     assert_same_logits(Engine.from_path(path, backend="fp32").score(ids), want)
 
 
@@ -74,14 +76,23 @@ def test_bitnet_layout_names_types_shapes_and_keys(bitnet, tmp_path):
     reader = gguf.GGUFReader(path)
     tensors = {t.name: t for t in reader.tensors}
     per_block = {
-        "attn_norm.weight": (Q.F32, [256]), "attn_q.weight": (Q.TQ2_0, [256, 256]), "attn_q.scale": (Q.F32, [1]),
-        "attn_k.weight": (Q.TQ2_0, [256, 256]), "attn_k.scale": (Q.F32, [1]),
-        "attn_v.weight": (Q.TQ2_0, [256, 256]), "attn_v.scale": (Q.F32, [1]),
-        "attn_sub_norm.weight": (Q.F32, [256]), "attn_output.weight": (Q.TQ2_0, [256, 256]),
-        "attn_output.scale": (Q.F32, [1]), "ffn_norm.weight": (Q.F32, [256]),
-        "ffn_gate.weight": (Q.TQ2_0, [256, 512]), "ffn_gate.scale": (Q.F32, [1]),
-        "ffn_up.weight": (Q.TQ2_0, [256, 512]), "ffn_up.scale": (Q.F32, [1]),
-        "ffn_sub_norm.weight": (Q.F32, [512]), "ffn_down.weight": (Q.TQ2_0, [512, 256]),
+        "attn_norm.weight": (Q.F32, [256]),
+        "attn_q.weight": (Q.TQ2_0, [256, 256]),
+        "attn_q.scale": (Q.F32, [1]),
+        "attn_k.weight": (Q.TQ2_0, [256, 256]),
+        "attn_k.scale": (Q.F32, [1]),
+        "attn_v.weight": (Q.TQ2_0, [256, 256]),
+        "attn_v.scale": (Q.F32, [1]),
+        "attn_sub_norm.weight": (Q.F32, [256]),
+        "attn_output.weight": (Q.TQ2_0, [256, 256]),
+        "attn_output.scale": (Q.F32, [1]),
+        "ffn_norm.weight": (Q.F32, [256]),
+        "ffn_gate.weight": (Q.TQ2_0, [256, 512]),
+        "ffn_gate.scale": (Q.F32, [1]),
+        "ffn_up.weight": (Q.TQ2_0, [256, 512]),
+        "ffn_up.scale": (Q.F32, [1]),
+        "ffn_sub_norm.weight": (Q.F32, [512]),
+        "ffn_down.weight": (Q.TQ2_0, [512, 256]),
         "ffn_down.scale": (Q.F32, [1]),
     }
     want = {"token_embd.weight": (Q.F16, [256, 4096]), "output_norm.weight": (Q.F32, [256])}
@@ -90,9 +101,17 @@ def test_bitnet_layout_names_types_shapes_and_keys(bitnet, tmp_path):
     field = lambda key: reader.fields[key].contents()  # noqa: E731
     assert field("general.architecture") == "bitnet"
     assert field("general.file_type") == gguf.LlamaFileType.MOSTLY_TQ2_0
-    assert [field(f"bitnet.{k}") for k in ("context_length", "embedding_length", "block_count",
-                                           "feed_forward_length", "attention.head_count",
-                                           "attention.head_count_kv")] == [256, 256, 4, 512, 4, 4]
+    assert [
+        field(f"bitnet.{k}")
+        for k in (
+            "context_length",
+            "embedding_length",
+            "block_count",
+            "feed_forward_length",
+            "attention.head_count",
+            "attention.head_count_kv",
+        )
+    ] == [256, 256, 4, 512, 4, 4]
     assert field("bitnet.attention.layer_norm_rms_epsilon") == pytest.approx(1e-6)
     assert field("bitnet.rope.freq_base") == 10000.0
     assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.pre") == "gpt-2"
@@ -118,7 +137,9 @@ def test_tq_types_dequantize_to_exactly_the_trained_codes(bitnet, tmp_path, qtyp
     raw = next(t for t in reader.tensors if t.name == "blk.2.ffn_down.weight")
     assert raw.tensor_type == qt
     values = gguf.quants.dequantize(raw.data, qt).reshape(256, 512)
-    assert np.array_equal(values, bitnet.ternary["blocks.2.ffn.down_proj.weight"].codes.numpy().astype(np.float32))
+    assert np.array_equal(
+        values, bitnet.ternary["blocks.2.ffn.down_proj.weight"].codes.numpy().astype(np.float32)
+    )
 
 
 def test_nanoternary_arch_round_trips_every_tensor_of_an_mhc_model(tokenizer, tmp_path):
@@ -131,26 +152,35 @@ def test_nanoternary_arch_round_trips_every_tensor_of_an_mhc_model(tokenizer, tm
     for k, v in tensors.dense.items():
         assert torch.equal(back.dense[k], v), k
     for k, t in tensors.ternary.items():
-        assert torch.equal(back.ternary[k].codes, t.codes) and torch.equal(back.ternary[k].scales, t.scales), k
+        assert torch.equal(back.ternary[k].codes, t.codes) and torch.equal(
+            back.ternary[k].scales, t.scales
+        ), k
     assert back.ternary["blocks.0.attn.k_proj.weight"].scales.shape == (128, 2)  # GQA, group 128
 
 
 def test_f16_qtype_and_unquantized_models(tokenizer, tmp_path):
     fp = ModelTensors.from_model(random_model(ModelConfig(n_layers=1, quantize=False)), tokenizer)
     back = read_gguf(export_gguf(tmp_path / "fp.gguf", fp, qtype="f16"))
-    assert not back.ternary and torch.equal(back.dense["blocks.0.attn.q_proj.weight"], fp.dense["blocks.0.attn.q_proj.weight"])
-    odd = ModelTensors.from_model(random_model(ModelConfig(dim=192, n_heads=3, ffn_dim=384, n_layers=1, group_size=64)),
-                                  tokenizer)
+    assert not back.ternary and torch.equal(
+        back.dense["blocks.0.attn.q_proj.weight"], fp.dense["blocks.0.attn.q_proj.weight"]
+    )
+    odd = ModelTensors.from_model(
+        random_model(ModelConfig(dim=192, n_heads=3, ffn_dim=384, n_layers=1, group_size=64)), tokenizer
+    )
     with pytest.raises(ValueError, match="rows of 192 values are not a whole number of 256-value TQ blocks"):
         export_gguf(tmp_path / "odd.gguf", odd, qtype="tq2_0")
     assert not (tmp_path / "odd.gguf").exists() and [p.name for p in tmp_path.iterdir()] == ["fp.gguf"]
-    assert read_gguf(export_gguf(tmp_path / "odd.gguf", odd, qtype="f16")).ternary.keys() == odd.ternary.keys()
+    assert (
+        read_gguf(export_gguf(tmp_path / "odd.gguf", odd, qtype="f16")).ternary.keys() == odd.ternary.keys()
+    )
 
 
 def test_bitnet_refuses_other_shapes_and_lists_every_misfit(tokenizer, tmp_path):
     cfg = preset("tiny", mhc=MHCConfig(n_streams=4))
     assert len(bitnet_misfits(cfg)) == 3
-    tensors = ModelTensors.from_model(random_model(ModelConfig(n_layers=1, mhc=MHCConfig(n_streams=2))), tokenizer)
+    tensors = ModelTensors.from_model(
+        random_model(ModelConfig(n_layers=1, mhc=MHCConfig(n_streams=2))), tokenizer
+    )
     with pytest.raises(ValueError, match="llama.cpp's BitNet shape") as err:
         export_gguf(tmp_path / "x.gguf", tensors, arch="bitnet")
     message = str(err.value)
@@ -185,20 +215,30 @@ def test_corrupt_truncated_wrong_arch_and_missing_keys(bitnet, tmp_path):
 
 
 def test_export_cli_writes_a_loadable_gguf(tokenizer, tmp_path):
-    folder = save_export(tmp_path / "run" / "export" / "final", random_model(preset("tiny_bitnet")), tokenizer, {"step": 3})
+    folder = save_export(
+        tmp_path / "run" / "export" / "final", random_model(preset("tiny_bitnet")), tokenizer, {"step": 3}
+    )
     proc = subprocess.run(
         [sys.executable, "-m", "nanoternary.cli.export", f"src={folder}", "qtype=tq1_0", "progress=false"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = folder / "model.gguf"
     engine = Engine.from_path(out)
     assert engine.meta["gguf_arch"] == "bitnet" and engine.meta["step"] == 3  # auto: it has the shape
     assert engine.name == "run-final"
-    assert [t.tensor_type for t in gguf.GGUFReader(out).tensors if t.name == "blk.0.attn_q.weight"] == [Q.TQ1_0]
+    assert [t.tensor_type for t in gguf.GGUFReader(out).tensors if t.name == "blk.0.attn_q.weight"] == [
+        Q.TQ1_0
+    ]
     bad = subprocess.run(
         [sys.executable, "-m", "nanoternary.cli.export", f"src={tmp_path / 'nothing.bin'}"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert bad.returncode != 0 and "src must be a model folder (with meta.json) or a .ckpt file" in bad.stderr
 
@@ -217,4 +257,8 @@ def test_callback_converts_final_and_every_nth_step_folder(tokenizer, tmp_path):
     final = callback.convert(export / "final")
     assert read_gguf(final).meta["gguf_arch"] == "nanoternary"  # no sub-norms: not bitnet-shaped
     assert sorted(p.name for p in (export / "final").iterdir()) == [
-        "meta.json", "model.gguf", "model.safetensors", "tokenizer.json"]
+        "meta.json",
+        "model.gguf",
+        "model.safetensors",
+        "tokenizer.json",
+    ]

@@ -42,8 +42,12 @@ def small(n_streams: int, mode: str = "dynamic", n_layers: int = 2) -> ModelConf
 
 
 def mhc_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    return {f"{name}.{p_name}": p for name, m in model.named_modules() if isinstance(m, StreamResidual)
-            for p_name, p in m.named_parameters()}
+    return {
+        f"{name}.{p_name}": p
+        for name, m in model.named_modules()
+        if isinstance(m, StreamResidual)
+        for p_name, p in m.named_parameters()
+    }
 
 
 def mixture(logits: torch.Tensor) -> torch.Tensor:
@@ -62,8 +66,10 @@ def assert_doubly_stochastic(h: torch.Tensor, tol: float = TOL) -> None:
 def train_steps(model: TernaryLM, steps: int, seed: int = 0) -> None:
     """Real Muon + Lion steps (the default optimizer routing) on random tokens; leaves the last gradients."""
     muon, lion = split_params(model)
-    opts = [torch.optim.Muon(muon, lr=0.02, weight_decay=0.0, ns_steps=3, adjust_lr_fn="original"),
-            Lion(lion, lr=1e-4)]
+    opts = [
+        torch.optim.Muon(muon, lr=0.02, weight_decay=0.0, ns_steps=3, adjust_lr_fn="original"),
+        Lion(lion, lr=1e-4),
+    ]
     tokens = torch.randint(0, model.cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(seed))
     for step in range(steps):
         for opt in opts:
@@ -80,7 +86,9 @@ def test_permutation_table_is_complete_and_unique(n):
     assert table.shape == (math.factorial(n), n, n)
     assert torch.equal(table[0], torch.eye(n))
     assert set(table.unique().tolist()) <= {0.0, 1.0}
-    assert torch.equal(table.sum(-1), torch.ones(len(table), n)) and torch.equal(table.sum(-2), torch.ones(len(table), n))
+    assert torch.equal(table.sum(-1), torch.ones(len(table), n)) and torch.equal(
+        table.sum(-2), torch.ones(len(table), n)
+    )
     assert len({tuple(p.flatten().tolist()) for p in table}) == math.factorial(n)
 
 
@@ -130,9 +138,13 @@ def test_n_streams_1_reproduces_the_plain_residual_forward_exactly():
 
 
 def test_bad_mhc_configs_are_rejected_with_clear_messages():
-    with pytest.raises(ValueError, match=r"model.mhc.n_streams must be in 1..5 \(n! permutation matrices\), got 6"):
+    with pytest.raises(
+        ValueError, match=r"model.mhc.n_streams must be in 1..5 \(n! permutation matrices\), got 6"
+    ):
         MHCConfig(n_streams=6)
-    with pytest.raises(ValueError, match=r"model.mhc.mode must be one of \('dynamic', 'static', 'seed'\), got 'bogus'"):
+    with pytest.raises(
+        ValueError, match=r"model.mhc.mode must be one of \('dynamic', 'static', 'seed'\), got 'bogus'"
+    ):
         ModelConfig.from_dict({"mhc": {"n_streams": 4, "mode": "bogus"}})
     with pytest.raises(ValueError, match="2-stream variant: set n_streams=2"):
         MHCConfig(n_streams=4, mode="seed")

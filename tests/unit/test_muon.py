@@ -20,11 +20,14 @@ def twin_params(seed: int = 0) -> tuple[list[torch.nn.Parameter], list[torch.nn.
     return [torch.nn.Parameter(t.clone()) for t in base], [torch.nn.Parameter(t.clone()) for t in base]
 
 
-@pytest.mark.parametrize("options", [
-    dict(nesterov=True, weight_decay=0.0, adjust_lr_fn="original", ns_steps=3),
-    dict(nesterov=False, weight_decay=0.1, adjust_lr_fn="match_rms_adamw", ns_steps=5),
-    dict(nesterov=True, weight_decay=0.01, adjust_lr_fn=None, ns_steps=1, momentum=0.9),
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(nesterov=True, weight_decay=0.0, adjust_lr_fn="original", ns_steps=3),
+        dict(nesterov=False, weight_decay=0.1, adjust_lr_fn="match_rms_adamw", ns_steps=5),
+        dict(nesterov=True, weight_decay=0.01, adjust_lr_fn=None, ns_steps=1, momentum=0.9),
+    ],
+)
 def test_updates_and_states_equal_torch_muon(options):
     ours, theirs = twin_params()
     opts = [BatchedMuon(ours, lr=0.02, **options), torch.optim.Muon(theirs, lr=0.02, **options)]
@@ -51,7 +54,9 @@ def test_state_dicts_are_interchangeable():
         p.grad = torch.ones_like(p)
     a.step()
     b.load_state_dict(a.state_dict())
-    assert [s["momentum_buffer"].sum().item() for s in b.state.values()] == pytest.approx([0.05 * p.numel() for p in ours])
+    assert [s["momentum_buffer"].sum().item() for s in b.state.values()] == pytest.approx(
+        [0.05 * p.numel() for p in ours]
+    )
 
 
 def test_newton_schulz_of_a_stack_is_the_per_matrix_result():
@@ -83,9 +88,13 @@ def test_validation_is_torchs():
 
 def test_the_trainer_gets_batched_muon_and_the_reference_torchs():
     model = TernaryLM(ModelConfig(dim=64, n_heads=2, ffn_dim=128, n_layers=1, group_size=64, vocab_size=128))
-    optim = {"name": "muon_lion", "muon": dict(lr=0.02, momentum=0.95, nesterov=True, ns_steps=3, weight_decay=0.0,
-                                               adjust_lr_fn="original"),
-             "lion": dict(lr=1e-3, betas=[0.9, 0.99], weight_decay=0.0)}
+    optim = {
+        "name": "muon_lion",
+        "muon": dict(
+            lr=0.02, momentum=0.95, nesterov=True, ns_steps=3, weight_decay=0.0, adjust_lr_fn="original"
+        ),
+        "lion": dict(lr=1e-3, betas=[0.9, 0.99], weight_decay=0.0),
+    }
     assert type(make_optimizers(model, optim)[0]) is BatchedMuon
     assert type(make_optimizers(model, optim, muon_cls=torch.optim.Muon)[0]) is torch.optim.Muon
     with pytest.raises(ValueError, match="unknown optim.name 'sgd'"):

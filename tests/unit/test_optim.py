@@ -8,7 +8,9 @@ from nanoternary.optim.grouping import split_params
 from nanoternary.optim.lion import Lion
 
 
-@pytest.mark.parametrize("cfg", [ModelConfig(), ModelConfig(sub_norms=True, n_kv_heads=2), ModelConfig(quantize=False)])
+@pytest.mark.parametrize(
+    "cfg", [ModelConfig(), ModelConfig(sub_norms=True, n_kv_heads=2), ModelConfig(quantize=False)]
+)
 def test_every_parameter_in_exactly_one_group(cfg):
     model = TernaryLM(cfg)
     muon, lion = split_params(model)

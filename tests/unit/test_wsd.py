@@ -6,7 +6,9 @@ from nanoternary.lit.callbacks.wsd import WSDSchedule, wsd_multiplier
 
 
 def mult(step, shape="linear"):
-    return wsd_multiplier(step, total_steps=1000, warmup_steps=100, decay_fraction=0.2, final_mult=0.1, shape=shape)
+    return wsd_multiplier(
+        step, total_steps=1000, warmup_steps=100, decay_fraction=0.2, final_mult=0.1, shape=shape
+    )
 
 
 def test_warmup_starts_above_zero_and_ends_at_one():

@@ -29,7 +29,9 @@ class ModelExport(L.Callback):
         self.final_meta: dict[str, Any] | None = None
 
     def training_meta(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
+        metrics = {
+            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))
+        }
         corpus = trainer.datamodule.prepare()
         batch = trainer.datamodule.batch_size * trainer.datamodule.seq_len * trainer.world_size
         return {
@@ -44,7 +46,9 @@ class ModelExport(L.Callback):
             "training": self.run_summary,
         }
 
-    def write(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str, extra: dict | None = None) -> Path:
+    def write(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, name: str, extra: dict | None = None
+    ) -> Path:
         meta = {**self.training_meta(trainer, pl_module), **(extra or {})}
         path = save_export(self.dirpath / name, pl_module.model, trainer.datamodule.prepare().tokenizer, meta)
         return path
@@ -58,10 +62,18 @@ class ModelExport(L.Callback):
             pl_module.eval()
             with torch.autocast(pl_module.device.type, enabled=False):
                 score = evaluate_heldout(
-                    pl_module.model, trainer.datamodule.heldout_dataloader(), pl_module.token_bytes, pl_module.eot_id
+                    pl_module.model,
+                    trainer.datamodule.heldout_dataloader(),
+                    pl_module.token_bytes,
+                    pl_module.eot_id,
                 )
             pl_module.train(was_training)
-            extra = {"val_loss": score.loss, "val_bpb": score.bpb, "val_tokens": score.tokens, "val_bytes": score.bytes}
+            extra = {
+                "val_loss": score.loss,
+                "val_bpb": score.bpb,
+                "val_tokens": score.tokens,
+                "val_bytes": score.bytes,
+            }
             log.info("final held-out: loss %.4f nats/token, %.4f bits/byte", score.loss, score.bpb)
         self.final_path = self.write(trainer, pl_module, "final", extra)
         self.final_meta = extra

@@ -24,8 +24,15 @@ STEP_DIR = re.compile(r"step-(\d{8})")
 
 
 class GGUFExport(L.Callback):
-    def __init__(self, dirpath: str, arch: str = "auto", qtype: str = "tq2_0", embed_type: str = "f16",
-                 every_n_steps: int = 0, progress: bool = True) -> None:
+    def __init__(
+        self,
+        dirpath: str,
+        arch: str = "auto",
+        qtype: str = "tq2_0",
+        embed_type: str = "f16",
+        every_n_steps: int = 0,
+        progress: bool = True,
+    ) -> None:
         if every_n_steps < 0:
             raise ValueError(f"gguf_export.every_n_steps must be >= 0 (0 = only final), got {every_n_steps}")
         self.dirpath = Path(dirpath)
@@ -40,13 +47,16 @@ class GGUFExport(L.Callback):
         """Committed export/step-* folders of every N-th step that have no model.gguf yet."""
         if not self.every_n_steps or not self.dirpath.is_dir():
             return []
+
         def wanted(folder: Path) -> bool:
             m = STEP_DIR.fullmatch(folder.name)
             return bool(m) and int(m.group(1)) % self.every_n_steps == 0 and (folder / META).is_file()
 
         return [f for f in sorted(self.dirpath.iterdir()) if wanted(f) and not (f / GGUF_NAME).exists()]
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int
+    ) -> None:
         if trainer.is_global_zero:
             for folder in self.step_folders():
                 self.convert(folder)

@@ -15,12 +15,16 @@ class Throughput(L.Callback):
         self._t0: float | None = None
         self._tokens = 0
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         self._tokens += batch.shape[0] * (batch.shape[1] - 1) * trainer.world_size
         if self._t0 is None:  # the first batch includes compilation: start the clock after it
             self._t0, self._tokens = time.perf_counter(), 0
             return
         if trainer.global_step % self.every == 0 and self._tokens:
             elapsed = time.perf_counter() - self._t0
-            pl_module.log("perf/tokens_per_sec", self._tokens / elapsed, on_step=True, on_epoch=False, prog_bar=True)
+            pl_module.log(
+                "perf/tokens_per_sec", self._tokens / elapsed, on_step=True, on_epoch=False, prog_bar=True
+            )
             self._t0, self._tokens = time.perf_counter(), 0

@@ -63,7 +63,9 @@ class WSDSchedule(L.Callback):
         return total
 
     def multiplier(self, step: int, total_steps: int) -> float:
-        return wsd_multiplier(step, total_steps, self.warmup_steps, self.decay_fraction, self.final_mult, self.shape)
+        return wsd_multiplier(
+            step, total_steps, self.warmup_steps, self.decay_fraction, self.final_mult, self.shape
+        )
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.resolved_total(trainer)
@@ -71,7 +73,9 @@ class WSDSchedule(L.Callback):
             for group in opt.param_groups:
                 group.setdefault("base_lr", group["lr"])
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int
+    ) -> None:
         if batch_idx % getattr(pl_module, "accumulate", 1):
             return
         step = trainer.global_step + 1
