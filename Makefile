@@ -67,7 +67,10 @@ bench-serve: setup  ## server tokens/s and p50/p99 latency at 1, 4, 16 concurren
 report: setup  ## compare every run under outputs/: outputs/report/report.md table + loss/LR plots (ARGS="select=[train/multirun/*/*]")
 	$(PY) -m nanoternary.cli.compare $(ARGS)
 
+humaneval: setup  ## HumanEval pass@k of a model folder or .gguf in a sandbox: RUNS MODEL-WRITTEN CODE (MODEL=<path>, default the newest export)
+	$(PY) -m nanoternary.cli.eval task=humaneval model=$(MODEL) allow_code_execution=true $(ARGS)
+
 clean-cache:  ## delete cached tokenizers and token files (~/.cache/nanoternary, or NANOTERNARY_CACHE if set)
 	rm -rf "$${NANOTERNARY_CACHE:-$$HOME/.cache/nanoternary}"
 
-.PHONY: help setup train test test-slow lint format clean-cache tokenizer eval-bpb bench-data serve bench-serve report export generate bench-infer
+.PHONY: humaneval help setup train test test-slow lint format clean-cache tokenizer eval-bpb bench-data serve bench-serve report export generate bench-infer

@@ -55,8 +55,8 @@ class Spec:
     seq_len: int | None = None
     data: str = "seed_tokens"
     warmup_steps: int = 3
-    chunk_steps: int = 4
-    rounds: int = 5
+    chunk_steps: int = 2
+    rounds: int = 8
     reference: bool = True
     bare: bool = True
     train_overrides: list[str] = field(default_factory=list)
