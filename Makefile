@@ -44,6 +44,9 @@ tokenizer: setup  ## train/inspect the tokenizer of a data config, bytes/token o
 eval-bpb: setup  ## held-out val/loss, val/bpb and gzip/bzip2/xz bits per byte of a model folder (ARGS="export=outputs/train/<run>/export/final")
 	$(PY) -m nanoternary.cli.eval_bpb $(ARGS)
 
+bench: setup  ## training tokens/s: our trainer (A) vs a plain eager fp32 loop (B) and a bare loop, for tiny, tiny_fp, seed_tiny (ARGS="device=cuda" ...)
+	$(PY) -m nanoternary.cli.bench train $(ARGS)
+
 bench-data: setup  ## tokenization MB/s and peak RSS on a >= 200 MB corpus of stdlib copies (made in a temp dir)
 	$(PY) benchmarks/bench_data.py $(ARGS)
 
@@ -73,4 +76,4 @@ humaneval: setup  ## HumanEval pass@k of a model folder or .gguf in a sandbox: R
 clean-cache:  ## delete cached tokenizers and token files (~/.cache/nanoternary, or NANOTERNARY_CACHE if set)
 	rm -rf "$${NANOTERNARY_CACHE:-$$HOME/.cache/nanoternary}"
 
-.PHONY: humaneval help setup train test test-slow lint format clean-cache tokenizer eval-bpb bench-data serve bench-serve report export generate bench-infer
+.PHONY: bench humaneval help setup train test test-slow lint format clean-cache tokenizer eval-bpb bench-data serve bench-serve report export generate bench-infer
