@@ -100,7 +100,22 @@ def rows_per_shard(batch_size: int, shards: int) -> int:
     return batch_size // shards
 
 
-class StepBatches(IterableDataset):
+class IndexedBatches(IterableDataset):
+    """An endless stream of batch(start), batch(start + 1), ...: resuming needs only the start index."""
+
+    start: int
+
+    def batch(self, index: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        index = self.start
+        while True:
+            yield self.batch(index)
+            index += 1
+
+
+class StepBatches(IndexedBatches):
     """Endless stream of (batch, seq_len + 1) windows, drawn as `shards` equal parts. Part s of item i
     depends only on (seed, i, s) and rank r draws parts r*shards ... (r+1)*shards - 1, so N ranks with
     batch B see exactly the rows of 1 rank with batch N*B and shards=N: the data do not depend on how
@@ -132,12 +147,6 @@ class StepBatches(IterableDataset):
             rows += [self.tokens[o : o + self.seq_len + 1] for o in offsets]
         return torch.from_numpy(np.stack(rows).astype(np.int64))
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        index = self.start
-        while True:
-            yield self.batch(index)
-            index += 1
-
 
 class Windows(Dataset):
     """Non-overlapping (seq_len + 1)-token windows: every held-out token is predicted exactly once."""
@@ -158,7 +167,7 @@ class Windows(Dataset):
         return torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64))
 
 
-class RowBatches(IterableDataset):
+class RowBatches(IndexedBatches):
     """Endless batches of whole samples (rows): every epoch visits each row once in a fresh order,
     like the original's shuffled loader; item i still depends only on (seed, i, rank). The order is
     shared and micro-batch i of rank r is slice i * world + r of it: ranks never draw the same row, and
@@ -193,12 +202,6 @@ class RowBatches(IterableDataset):
         positions = range(first, first + self.batch_size)
         picks = [self.order(p // len(self.rows))[p % len(self.rows)] for p in positions]
         return torch.from_numpy(self.rows[picks, : self.seq_len + 1].astype(np.int64))
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        index = self.start
-        while True:
-            yield self.batch(index)
-            index += 1
 
 
 class Rows(Dataset):
