@@ -1,4 +1,4 @@
-"""A tiny model folder and a shared `nanoternary-serve` process on a free loopback port, for the server tests.
+"""A tiny model folder for the server tests (tests/integration/conftest.py serves it).
 
 The model is freshly initialized (no training: the tests check the server, not the model's skill) with a
 512-token byte-level BPE trained in a second on a little stdlib source and some non-ASCII text, so that
@@ -12,10 +12,8 @@ import inspect
 import json
 import re
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import torch
 
 from nanoternary.data.tokenizer import TextTokenizer
@@ -23,7 +21,6 @@ from nanoternary.io.export_dir import save_export
 from nanoternary.model.bitlinear import BitLinear
 from nanoternary.model.config import ModelConfig
 from nanoternary.model.transformer import TernaryLM
-from nanoternary.serve.launch import ServerProcess
 
 API_KEY = "test-key-123"
 CHAT_TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}</{{ m.role }}>\n{% endfor %}<assistant>"
@@ -46,23 +43,3 @@ def build_tiny_model(path: Path) -> Path:
                 module.weight.mul_(30)
     meta = {"step": 0, "chat_template": CHAT_TEMPLATE, "chat_stop": CHAT_STOP}
     return save_export(path, model, tokenizer, meta)
-
-
-_CACHE: dict[str, object] = {}  # one model and one server per test session, shared by the test modules
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if "model" not in _CACHE:
-        _CACHE["model"] = build_tiny_model(tmp_path_factory.mktemp("serve") / "model")
-    return _CACHE["model"]  # type: ignore[return-value]
-
-
-@pytest.fixture(scope="session")
-def server(tiny_model: Path) -> Iterator[ServerProcess]:
-    """The shared server: default limits, API key API_KEY."""
-    if "server" not in _CACHE:
-        _CACHE["server"] = ServerProcess(tiny_model, "threads=1", f"api_key={API_KEY}")
-    proc: ServerProcess = _CACHE["server"]  # type: ignore[assignment]
-    yield proc
-    proc.stop()

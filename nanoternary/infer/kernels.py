@@ -7,7 +7,7 @@ backend can fuse the two. Three backends compute it:
 
 - `cpp` (CPU): one fused C++ call per linear (csrc/ternary.cpp: norm, 8-bit activations, u8 x s8 dot
   products with AVX512-VNNI where the CPU has it). Compiled with the machine's C++ compiler on first use
-  (about a minute, cached by torch.utils.cpp_extension). A small model's decode step is dominated by
+  (~40 s on 2 idle cores, once per source version: see `native_ops`). A small model's decode step is dominated by
   per-op overhead, and this replaces ~12 PyTorch ops per linear with one.
 - `int8` (CPU): the same arithmetic with PyTorch ops and `torch._int_mm` (int32 accumulation).
 - `fp32` (any device): float32 matmul of the dequantized activations with codes · s folded into one dense
@@ -19,7 +19,9 @@ packed 4 per byte (`packed`, the model's storage); each backend derives its comp
 
 from __future__ import annotations
 
+import fcntl
 import functools
+import hashlib
 import logging
 import math
 import os
@@ -37,18 +39,38 @@ from nanoternary.model.quant import ACT_EPS
 
 BACKENDS = ("cpp", "int8", "fp32")
 CSRC = Path(__file__).with_name("csrc") / "ternary.cpp"
+CFLAGS = ["-O3", "-march=native"]
 log = logging.getLogger(__name__)
+
+
+def build_directory() -> Path:
+    """A folder per source version, torch version and CPU flags, under torch's own extensions root."""
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+    key = hashlib.sha256(CSRC.read_bytes() + torch.__version__.encode() + " ".join(CFLAGS).encode())
+    return root / f"nanoternary_ternary_{key.hexdigest()[:16]}"
 
 
 @functools.cache
 def native_ops() -> ModuleType | None:
-    """The compiled csrc/ternary.cpp, or None (with a warning) when it cannot be built here."""
+    """The compiled csrc/ternary.cpp, or None (with a warning) when it cannot be built here.
+
+    Why a lock of our own: torch's build lock is a plain file, which a process killed mid-build (a server
+    stopped during its first start) leaves behind, and every later build then waits on it forever. An
+    flock dies with its holder, and whoever holds it may clear torch's stale file.
+    """
     from torch.utils.cpp_extension import load
 
     if shutil.which("ninja") is None:  # the `ninja` wheel of this environment, when its bin/ is not on PATH
         os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    build_dir = build_directory()
     try:
-        return load("nanoternary_ternary", [str(CSRC)], extra_cflags=["-O3", "-march=native"], verbose=False)
+        build_dir.mkdir(parents=True, exist_ok=True)
+        with open(build_dir / "nanoternary.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            (build_dir / "lock").unlink(missing_ok=True)
+            return load(
+                "nanoternary_ternary", [str(CSRC)], extra_cflags=CFLAGS, build_directory=str(build_dir)
+            )
     except Exception as exc:  # no compiler, no ninja, unsupported flags...: the PyTorch path still works
         log.warning("the fused C++ kernel could not be built (%s); using backend int8", exc)
         return None

@@ -20,9 +20,8 @@ import torch
 
 from nanoternary.infer.engine import Engine
 from nanoternary.serve.chat_template import ChatTemplate
-from tests.serve_server import API_KEY, CHAT_STOP, CHAT_TEMPLATE, ServerProcess, server, tiny_model
-
-__all__ = ["server", "tiny_model"]
+from nanoternary.serve.launch import ServerProcess
+from tests.serve_server import API_KEY, CHAT_STOP, CHAT_TEMPLATE
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 FLAGS = [

@@ -17,9 +17,8 @@ import torch
 from nanoternary.infer.engine import Completion, Engine
 from nanoternary.model.transformer import TernaryLM
 from nanoternary.serve.chat_template import DEFAULT_STOP, DEFAULT_TEMPLATE, ChatTemplate, load_chat_template
-from tests.serve_server import API_KEY, CHAT_STOP, CHAT_TEMPLATE, TINY, ServerProcess, server, tiny_model
-
-__all__ = ["server", "tiny_model"]  # session fixtures shared with test_chat_page.py
+from nanoternary.serve.launch import ServerProcess
+from tests.serve_server import API_KEY, CHAT_STOP, CHAT_TEMPLATE, TINY
 
 PROMPTS = ["def foo(", "import re\n", "héllo wörld", "class A:"]
 

@@ -17,9 +17,8 @@ import httpx
 import openai
 import pytest
 
-from tests.serve_server import API_KEY, ServerProcess, tiny_model
-
-__all__ = ["tiny_model"]
+from nanoternary.serve.launch import ServerProcess
+from tests.serve_server import API_KEY
 
 MAX_BODY, MAX_TOKENS, MAX_N = 4096, 64, 4
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

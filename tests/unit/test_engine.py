@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from nanoternary.infer.engine import Engine, Generation
-from nanoternary.infer.kernels import TernaryLinear, pack_codes, unpack_codes
+from nanoternary.infer.kernels import TernaryLinear, build_directory, native_ops, pack_codes, unpack_codes
 from nanoternary.infer.sampling import SamplingParams
 from nanoternary.io.tensors import ModelTensors, TernaryTensor
 from nanoternary.model.config import MHCConfig, ModelConfig
@@ -189,3 +192,15 @@ def test_misuse_gives_clear_errors(small_engine, tmp_path):
         Engine.from_path(tmp_path / "weights.bin")
     with pytest.raises(FileNotFoundError, match="meta.json is missing"):
         Engine.from_path(tmp_path)
+
+
+def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next_start():
+    """torch's own build lock is a plain file: a server killed during its first build left one behind, and
+    every later start waited on it forever (CI's serve tests all timed out). Ours is an flock."""
+    assert native_ops() is not None  # built once here, so the child below only loads it
+    stale = build_directory() / "lock"
+    stale.touch()
+    child = "from nanoternary.infer.kernels import native_ops; print(native_ops().__name__)"
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip() == "nanoternary_ternary", proc.stderr
+    assert not stale.exists()
