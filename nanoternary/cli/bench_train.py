@@ -4,9 +4,10 @@ one JSON line.
 
 Speed: Lightning trains the model exactly as train.py builds it (loop A); a callback interrupts it every
 `chunk_steps` optimizer steps and runs the same number of steps of the reference loop B (eager fp32,
-torch.optim.Muon) and of the bare loop (A's compiled step without Lightning), so the loops take turns
-under the same machine load. Each loop's chunk is timed on the wall clock (synchronized on CUDA) and
-on the process CPU clock; a ratio is the median over rounds of the per-round ratios.
+torch.optim.Muon) and of the bare loop (A's compiled step without Lightning), B and bare in alternating
+order, so the loops take turns under the same machine load. Each loop's chunk is timed on the wall clock
+(synchronized on CUDA) and on the process CPU clock; a ratio is the median over rounds of the per-round
+ratios.
 
 Curves: A trains `curve_steps` steps through Lightning, then B trains the same steps from the same
 initial weights on the same batches; both per-step losses are returned.
@@ -186,7 +187,8 @@ class Interleave(L.Callback):
                     loop.step()
         elif done > spec.warmup_steps and (done - spec.warmup_steps) % spec.chunk_steps == 0:
             self.chunks["A"].append(self.clock.read())
-            for loop in self.loops:
+            # alternate the order of the others, so that neither always runs right after A
+            for loop in self.loops if len(self.chunks["A"]) % 2 else self.loops[::-1]:
                 self.clock.start()
                 for _ in range(spec.chunk_steps):
                     loop.step()
@@ -323,7 +325,7 @@ def run(spec: Spec) -> dict[str, Any]:
 
 def main() -> None:
     result = run(Spec(**json.loads(sys.argv[1])))
-    print(json.dumps(result))
+    print("\n" + json.dumps(result))  # on a line of its own, whatever the progress bar left on stdout
 
 
 if __name__ == "__main__":
