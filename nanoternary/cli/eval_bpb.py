@@ -1,5 +1,8 @@
-"""`nanoternary-eval-bpb export=<model folder> [data=...]`: held-out loss and bits per byte of a model,
-next to gzip -9, bzip2 -9 and xz -9e on the same held-out text.
+"""`nanoternary-eval-bpb export=<model folder or .gguf> [data=...]`: held-out loss and bits per byte of a
+model, next to gzip -9, bzip2 -9 and xz -9e on the same held-out text.
+
+A .gguf (either arch) is scored by the inference engine's fp32 backend, the training forward's arithmetic
+on the file's own codes and scales, so a GGUF's figure checks the export as well as the model.
 
 The held-out text is tokenized with the model folder's own tokenizer (cached like training's), cut into
 non-overlapping windows of the model's context length, and every token is scored once. The table goes to
@@ -25,7 +28,8 @@ from tqdm import tqdm
 from nanoternary.cli.report import heldout_table
 from nanoternary.cli.resolvers import register_resolvers
 from nanoternary.data.datamodule import TokenDataModule, Windows
-from nanoternary.evals.bpb import compression_bpb, evaluate_heldout
+from nanoternary.evals.bpb import EngineLM, compression_bpb, evaluate_heldout
+from nanoternary.infer.engine import Engine
 from nanoternary.io.export_dir import load_export
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -37,10 +41,15 @@ def evaluate_export(cfg: DictConfig) -> dict[str, Any]:
     """Score the model folder `cfg.export` on the held-out split of `cfg.data`."""
     path = Path(cfg.export).expanduser()
     if path.suffix == ".gguf":
-        raise ValueError(f"{path}: GGUF input is not supported yet; pass the model folder (export/<step>/)")
-    model, meta, tokenizer = load_export(path, cfg.device)
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        engine = Engine.from_path(path, cfg.device, backend="fp32")
+        model, meta, tokenizer = EngineLM(engine), engine.meta, engine.tokenizer
+    else:
+        model, meta, tokenizer = load_export(path, cfg.device)
+    context = model.cfg.context_length
     with open_dict(cfg.data):
-        cfg.data.seq_len = model.cfg.context_length
+        cfg.data.seq_len = context
         cfg.data.vocab_size = tokenizer.vocab_size
         cfg.data.tokenizer_path = None
     datamodule: TokenDataModule = instantiate(cfg.data)
@@ -48,7 +57,7 @@ def evaluate_export(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(
             f"data.source={datamodule.source_name!r} is token-id data: bits per byte is undefined"
         )
-    windows = Windows(datamodule.split_tokens("val", tokenizer), model.cfg.context_length)
+    windows = Windows(datamodule.split_tokens("val", tokenizer), context)
     batches = tqdm(
         DataLoader(windows, batch_size=cfg.batch_size), desc="scoring held-out windows", disable=None
     )

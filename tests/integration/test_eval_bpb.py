@@ -16,6 +16,7 @@ from nanoternary.cli.eval_bpb import evaluate_export
 from nanoternary.data.datamodule import TokenDataModule, Windows
 from nanoternary.evals.bpb import compression_bpb, evaluate_heldout
 from nanoternary.io.export_dir import save_export
+from nanoternary.io.gguf import folder_to_gguf
 from nanoternary.model.config import ModelConfig
 from nanoternary.model.transformer import TernaryLM
 
@@ -79,7 +80,27 @@ def test_clear_errors(corpus_and_export, tmp_path):
     _, export, _, _ = corpus_and_export
     with pytest.raises(FileNotFoundError, match="not a model folder"):
         evaluate_export(compose_eval([f"export={tmp_path}"]))
-    with pytest.raises(ValueError, match="GGUF input is not supported yet"):
-        evaluate_export(compose_eval([f"export={tmp_path / 'model.gguf'}"]))
+    with pytest.raises(FileNotFoundError, match="GGUF file not found: .*missing.gguf"):
+        evaluate_export(compose_eval([f"export={tmp_path / 'missing.gguf'}"]))
     with pytest.raises(ValueError, match="token-id data: bits per byte is undefined"):
         evaluate_export(compose_eval([f"export={export}", "data=seed_tokens"]))
+
+
+@pytest.mark.parametrize("embed_type", ["f32", "f16"])
+def test_a_gguf_scores_like_its_model_folder(corpus_and_export, embed_type):
+    """The GGUF holds the ternary codes exactly (as f16 here: this model's 64-wide rows are no whole TQ
+    block) and the scales in f32, so with an f32 embedding its loss is the folder's to float rounding; an
+    f16 embedding moves it only slightly."""
+    corpus, export, dm, _ = corpus_and_export
+    data = ["data=files", f"data.paths=[{corpus}]", "data.holdout_mod=4"]
+    gguf = folder_to_gguf(export, qtype="f16", embed_type=embed_type)
+    from_folder = evaluate_export(compose_eval([f"export={export}", *data]))
+    from_gguf = evaluate_export(compose_eval([f"export={gguf}", *data]))
+    assert from_gguf["step"] == 7 and from_gguf["export"] == str(gguf)
+    assert (
+        from_gguf["val/tokens"] == from_folder["val/tokens"]
+        and from_gguf["val/bytes"] == from_folder["val/bytes"]
+    )
+    tol = 1e-5 if embed_type == "f32" else 1e-3
+    assert from_gguf["val/loss"] == pytest.approx(from_folder["val/loss"], rel=tol)
+    assert from_gguf["val/bpb"] == pytest.approx(from_folder["val/bpb"], rel=tol)
