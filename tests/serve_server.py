@@ -30,13 +30,13 @@ TINY = ModelConfig(
 )
 
 
-def build_tiny_model(path: Path) -> Path:
+def build_tiny_model(path: Path, cfg: ModelConfig = TINY) -> Path:
     """An export folder with a random tiny model, its tokenizer, and a chat template in meta.json."""
     texts = [inspect.getsource(m) for m in (textwrap, json.decoder, re)]
     texts += ["héllo wörld — ünïcödé ✓ 日本語のテキスト ñandú café 🙂 ∑ π ≈ 3.14159"] * 20
-    tokenizer = TextTokenizer.train(texts, TINY.vocab_size)
+    tokenizer = TextTokenizer.train(texts, cfg.vocab_size)
     torch.manual_seed(0)
-    model = TernaryLM(TINY)
+    model = TernaryLM(cfg)
     with torch.no_grad():  # louder blocks: a fresh model's greedy output then varies instead of echoing
         for module in model.modules():  # its last token, and stop strings and UTF-8 splits get exercised
             if isinstance(module, BitLinear):

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,6 +33,8 @@ from nanoternary.evals.humaneval import (
     truncate_at_stop,
 )
 from nanoternary.evals.sandbox import Limits
+from nanoternary.serve.launch import ServerProcess
+from tests.serve_server import API_KEY, TINY, build_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 WORKERS = os.cpu_count() or 2
@@ -435,6 +438,40 @@ def test_cli_against_an_endpoint_writes_results_and_prints_the_table(
     assert (summary["pass_at_k"], summary["problems"], summary["source"]) == ({"pass@1": 1.0}, 3, stub.url)
     assert len(read_records(tmp_path / "samples.jsonl")) == 6
     assert "pass@1" in done.stdout and "100.00%" in done.stdout
+
+
+def test_cli_against_our_server_with_a_tiny_model(tmp_path: Path) -> None:
+    """End to end: nanoternary-serve on loopback with a random tiny model (its context long enough for
+    HumanEval's prompts), the eval CLI sampling from it and running what comes back. The score is whatever
+    it is; the files and the table must be right."""
+    model = build_tiny_model(tmp_path / "model", replace(TINY, context_length=1024))
+    server = ServerProcess(model, "threads=1", f"api_key={API_KEY}")
+    try:
+        done = eval_cli(
+            tmp_path / "run",
+            f"endpoint={server.url}/v1",
+            f"http.api_key={API_KEY}",
+            "allow_code_execution=true",
+            "task.limit=3",
+            "task.num_samples=2",
+            "task.max_tokens=24",
+            "task.temperature=0.8",
+        )
+    finally:
+        server.stop()
+    assert done.returncode == 0, done.stderr
+    records = read_records(tmp_path / "run" / "samples.jsonl")
+    assert sorted((r["task_id"], r["sample"]) for r in records) == [
+        (f"HumanEval/{i}", s) for i in range(3) for s in range(2)
+    ]
+    for r in records:
+        assert set(r) == {"task_id", "sample", "completion", "passed", "result"}
+        assert isinstance(r["completion"], str) and r["passed"] == (r["result"] == "passed")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["problems"], summary["source"]) == (3, f"{server.url}/v1")
+    passed = sum(r["passed"] for r in records)
+    assert summary["pass_at_k"]["pass@1"] == pytest.approx(passed / 6)
+    assert "pass@1" in done.stdout
 
 
 def test_cli_refuses_without_the_opt_in(tmp_path: Path) -> None:
