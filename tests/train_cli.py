@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+from matplotlib.image import imread
+
 from tests.conftest import REPO_ROOT
 
 # 1 layer, 64-token context, fp32 (bf16 autocast would blur the comparisons), 2 steps with one validation
@@ -49,3 +52,9 @@ def metric_rows(run_dir: Path, key: str) -> list[tuple[int, float]]:
     """(step, value) of every metrics.csv row that logged `key`."""
     with open(run_dir / "metrics.csv", newline="") as f:
         return [(int(r["step"]), float(r[key])) for r in csv.DictReader(f) if r.get(key)]
+
+
+def nonblank(png: Path) -> bool:
+    """A PNG that decodes, with more than 2% of its pixels away from white."""
+    pixels = imread(png)[..., :3]
+    return (np.abs(pixels - 1.0).sum(-1) > 0.1).mean() > 0.02

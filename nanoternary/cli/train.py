@@ -14,6 +14,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from nanoternary.cli.compare import load_run, plot_runs
 from nanoternary.cli.distributed import (
     ddp_children_rerun_this_job,
     distributed_job,
@@ -122,6 +123,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             sample_prompt=cfg.sample_prompt,
             sample_tokens=cfg.sample_tokens,
         )
+        run_dir = Path(cfg.paths.output_dir)
+        for png in plot_runs([load_run(run_dir, run_dir.parent)], run_dir):
+            log.info("plotted %s", png)
     return result
 
 

@@ -437,10 +437,13 @@ class TokenDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        """This rank's share of the held-out windows (every world_size-th one): ranks score disjoint
-        windows, and with limit_val_batches=k the union is the first k * val_batch_size * world_size."""
+        """This rank's share of the held-out windows, in a fixed shuffled order: with limit_val_batches=k
+        (training's quick validations) the k * val_batch_size * world_size windows scored are a sample of
+        the whole split, not its first files, so the in-training val/bpb estimates the final full pass.
+        Ranks take every world_size-th window of that order, so they score disjoint windows."""
         windows, rank, world = self.heldout_windows(), self.rank(), self.world_size()
         if len(windows) < world:
             raise ValueError(f"the held-out split has {len(windows)} windows, fewer than the {world} ranks")
-        shard = windows if world == 1 else Subset(windows, range(rank, len(windows), world))
+        order = np.random.default_rng(0).permutation(len(windows))
+        shard = Subset(windows, order[rank::world].tolist())
         return DataLoader(shard, batch_size=self.val_batch_size, shuffle=False, num_workers=self.num_workers)

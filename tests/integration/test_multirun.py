@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
-import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from matplotlib.image import imread
 from omegaconf import OmegaConf
 
 from nanoternary.cli.compare import human, write_report
 from nanoternary.cli.train import CONF_DIR
-from tests.train_cli import TINY, metric_rows, train_cli
+from tests.train_cli import TINY, metric_rows, nonblank, train_cli
 
 RUN_FILES = [
     ".hydra/config.yaml",
@@ -59,11 +56,6 @@ def test_run_and_sweep_folders_are_unique_to_the_microsecond():
     for a, b in ((first.run.dir, second.run.dir), (first.sweep.dir, second.sweep.dir)):
         assert re.search(r"_\d{2}-\d{2}-\d{2}\.\d{6}$", a) and a != b
     assert OmegaConf.to_container(first.sweep)["subdir"] == "${hydra.job.num}"
-
-
-def nonblank(png: Path) -> bool:
-    pixels = imread(png)[..., :3]
-    return (np.abs(pixels - 1.0).sum(-1) > 0.1).mean() > 0.02
 
 
 @pytest.mark.slow  # ~1 min on 2 shared cores: two training jobs in one process

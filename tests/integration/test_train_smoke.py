@@ -14,6 +14,7 @@ import torch
 
 from nanoternary.io.export_dir import load_export
 from tests.conftest import REPO_ROOT
+from tests.train_cli import nonblank
 
 FAST = ["debug=fast", "model.n_layers=2", "data.batch_size=4"]
 
@@ -62,6 +63,7 @@ def test_fast_run_writes_every_file_and_honours_max_steps(tmp_path, cache_dir):
     assert summary["baselines_bpb"]["xz"] < summary["baselines_bpb"]["gzip"]
     assert summary["val/bpb"] == meta["val_bpb"]
     assert (out / ".hydra" / "config.yaml").is_file()
+    assert nonblank(out / "loss.png") and nonblank(out / "lr.png")  # the run's own curves
 
 
 def test_export_round_trip_gives_identical_logits(tmp_path, cache_dir):

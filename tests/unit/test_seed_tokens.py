@@ -89,3 +89,15 @@ def test_seed_tokens_datamodule(tmp_path):
         TokenDataModule("seed_tokens", 8, 256, 4096, str(tmp_path), tokenizer_path="tok.json")
     with pytest.raises(ValueError, match=r"does not take \['paths'\]; its options: \['sample_seed'\]"):
         TokenDataModule("seed_tokens", 8, 256, 4096, str(tmp_path), paths=["x"])
+
+
+def test_a_limited_validation_pass_samples_the_whole_held_out_split(tmp_path):
+    """Quick validations (limit_val_batches) score the first batches: those must be spread over the split."""
+    dm = TokenDataModule("seed_tokens", batch_size=8, seq_len=256, vocab_size=4096, cache_dir=str(tmp_path))
+    dm.prepare()
+    windows, loader = dm.heldout_windows(), dm.val_dataloader()
+    seen = loader.dataset.indices  # the order the loader reads the windows in
+    assert sorted(seen) == list(range(len(windows)))  # every held-out window once
+    assert torch.equal(next(iter(loader)), torch.stack([windows[j] for j in seen[: dm.val_batch_size]]))
+    first = seen[: dm.val_batch_size]
+    assert min(first) < len(windows) // 4 and max(first) >= 3 * len(windows) // 4
