@@ -7,8 +7,8 @@ backend can fuse the two. Three backends compute it:
 
 - `cpp` (CPU): one fused C++ call per linear (csrc/ternary.cpp: norm, 8-bit activations, u8 x s8 dot
   products with AVX512-VNNI where the CPU has it). Compiled with the machine's C++ compiler on first use
-  (~40 s on 2 idle cores, once per source version: see `native_ops`). A small model's decode step is dominated by
-  per-op overhead, and this replaces ~12 PyTorch ops per linear with one.
+  (~40 s on 2 idle cores, once per source version: see `native_ops`). A small model's decode step is
+  dominated by per-op overhead, and this replaces ~12 PyTorch ops per linear with one.
 - `int8` (CPU): the same arithmetic with PyTorch ops and `torch._int_mm` (int32 accumulation).
 - `fp32` (any device): float32 matmul of the dequantized activations with codes · s folded into one dense
   weight: the training forward pass's own arithmetic (the reference path for exactness tests).
