@@ -84,7 +84,9 @@ class CanonicalCompleter:
 
 
 class EngineCompleter:
-    """The in-process inference engine; each `generate` call is one batch."""
+    """The in-process inference engine; each `generate` call is one batch. A prompt longer than the model's
+    context leaves room for min(max_tokens, context / 2) new tokens: its start is cut (a small model
+    with a 256-token context still gets every problem's signature and docstring end)."""
 
     def __init__(self, engine: Any, params: SamplingParams) -> None:
         self.engine, self.params, self.calls = engine, params, 0
@@ -107,6 +109,7 @@ class EngineCompleter:
             top_k=p.top_k,
             stop=list(p.stop),
             seed=seed,
+            keep_last=self.engine.context_length - min(p.max_tokens, self.engine.context_length // 2),
         )
         return [c.text for c in done]
 

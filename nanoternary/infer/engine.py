@@ -348,12 +348,19 @@ class Engine:
         top_k: int = 0,
         stop: list[str] | None = None,
         seed: int | None = None,
+        keep_last: int | None = None,
     ) -> list[Completion]:
         """Complete every prompt (batched: one `step` per position for all unfinished prompts). With a
-        seed, prompt i samples with seed + i: repeated prompts give different, reproducible samples."""
+        seed, prompt i samples with seed + i: repeated prompts give different, reproducible samples.
+        `keep_last` cuts each prompt to its last that many tokens (evaluating a short-context model on
+        longer prompts, as lm-evaluation-harness does); without it a too-long prompt is an error."""
         params = SamplingParams(max_tokens, temperature, top_p, top_k, stop or [], seed)
         gens = [
-            Generation(self, self.encode_prompt(p), replace(params, seed=None if seed is None else seed + i))
+            Generation(
+                self,
+                self.encode_prompt(p)[-keep_last:] if keep_last else self.encode_prompt(p),
+                replace(params, seed=None if seed is None else seed + i),
+            )
             for i, p in enumerate(prompts)
         ]
         active = [g for g in gens if not g.done]

@@ -246,6 +246,8 @@ def test_result_categories() -> None:
 class CanonicalEngine:
     """Stands in for nanoternary.infer.engine.Engine (issue 6): same generate() signature, canonical text."""
 
+    context_length = 2048
+
     def __init__(self, problems: list[Problem]) -> None:
         self.solutions, self.calls = {p.prompt: p.canonical_solution for p in problems}, []
 
@@ -271,6 +273,7 @@ def test_engine_completer_batches_and_passes_the_sampling_params(
     )
     assert summary["pass_at_k"] == {"pass@1": 1.0}
     common = {"max_tokens": 100, "temperature": 0.2, "top_p": 0.9, "top_k": 40, "stop": list(STOP_SEQUENCES)}
+    common["keep_last"] = 2048 - 100  # room for max_tokens new tokens
     assert engine.calls == [(3, common | {"seed": 5}), (3, common | {"seed": 6}), (2, common | {"seed": 7})]
 
 

@@ -204,3 +204,19 @@ def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next_start():
     proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
     assert proc.stdout.strip() == "nanoternary_ternary", proc.stderr
     assert not stale.exists()
+
+
+def test_keep_last_completes_the_tail_of_a_prompt_longer_than_the_context(small_engine):
+    prompt = CODE * 20
+    ids = small_engine.encode_prompt(prompt)
+    keep = small_engine.context_length // 2
+    assert len(ids) > small_engine.context_length
+    with pytest.raises(ValueError, match="exceeds the context length 64"):
+        small_engine.generate([prompt], max_tokens=4)
+    done = small_engine.generate([prompt], max_tokens=4, keep_last=keep)[0]
+    assert done.prompt_tokens == keep
+    seq, greedy = small_engine.start(ids[-keep:]), []  # the same greedy steps by hand from the tail
+    for _ in range(done.completion_tokens):
+        greedy.append(int(small_engine.step([seq])[0].argmax()))
+        small_engine.append(seq, greedy[-1])
+    assert done.token_ids == greedy
