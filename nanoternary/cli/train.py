@@ -43,6 +43,17 @@ def instantiate_all(node: DictConfig | None) -> list[Any]:
     return [instantiate(v) for v in node.values() if isinstance(v, DictConfig) and "_target_" in v]
 
 
+def check_strategy(cfg: DictConfig) -> None:
+    """Refuse combinations that cannot train, before any data is prepared."""
+    strategy = cfg.trainer.get("strategy")
+    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy or "")
+    if "FSDP" in target.upper() and cfg.optim.name != "adamw":
+        raise ValueError(
+            f"trainer=fsdp holds each weight matrix in shards, and optim={cfg.optim.name} orthogonalizes "
+            "whole matrices (Muon): use optim=adamw with trainer=fsdp"
+        )
+
+
 def make_module(cfg: DictConfig, corpus: PreparedCorpus) -> LitTernaryLM:
     """The LightningModule a train config describes (also what `nanoternary-bench train` measures)."""
     return LitTernaryLM(
@@ -58,6 +69,7 @@ def make_module(cfg: DictConfig, corpus: PreparedCorpus) -> LitTernaryLM:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job and return its final metrics (what a Hydra sweeper optimizes)."""
     started = time.perf_counter()
+    check_strategy(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule: TokenDataModule = instantiate(cfg.data)
     corpus = datamodule.prepare()
