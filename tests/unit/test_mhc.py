@@ -282,7 +282,9 @@ def test_compiled_training_loss_matches_eager():
         return F.cross_entropy(m(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
 
     compiled = torch.compile(loss_fn, fullgraph=True, dynamic=False)  # fullgraph: no graph breaks in mHC
-    assert compiled(model, idx).item() == pytest.approx(loss_fn(model, idx).item(), abs=1e-4)
+    # rel 5e-5 (~4e-4 nats here): Inductor's fused kernels sum fp32 in another order, which now and then
+    # flips one 8-bit activation rounding (measured: 1.0e-4 apart); a wrong graph moves the loss by far more
+    assert compiled(model, idx).item() == pytest.approx(loss_fn(model, idx).item(), rel=5e-5)
 
 
 def test_lightning_validation_logs_the_mhc_metrics(tmp_path, cache_dir):
