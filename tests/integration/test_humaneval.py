@@ -33,6 +33,7 @@ from nanoternary.evals.humaneval import (
     truncate_at_stop,
 )
 from nanoternary.evals.sandbox import Limits
+from nanoternary.infer.kernels import native_ops
 from nanoternary.serve.launch import ServerProcess
 from tests.serve_server import API_KEY, TINY, build_tiny_model
 
@@ -448,6 +449,7 @@ def test_cli_against_our_server_with_a_tiny_model(tmp_path: Path) -> None:
     HumanEval's prompts), the eval CLI sampling from it and running what comes back. The score is whatever
     it is; the files and the table must be right."""
     model = build_tiny_model(tmp_path / "model", replace(TINY, context_length=1024))
+    native_ops()  # built here under the test timeout, if no earlier test did, not in the server's start
     server = ServerProcess(model, "threads=1", f"api_key={API_KEY}")
     try:
         done = eval_cli(
