@@ -28,7 +28,7 @@ from tqdm import tqdm
 from nanoternary.cli.report import heldout_table
 from nanoternary.cli.resolvers import register_resolvers
 from nanoternary.data.datamodule import TokenDataModule, Windows
-from nanoternary.evals.bpb import EngineLM, compression_bpb, evaluate_heldout
+from nanoternary.evals.bpb import compression_bpb, evaluate_heldout
 from nanoternary.infer.engine import Engine
 from nanoternary.io.export_dir import load_export
 
@@ -37,12 +37,21 @@ log = logging.getLogger(__name__)
 register_resolvers()
 
 
+class EngineLM(torch.nn.Module):
+    """An inference Engine as a (batch, seq) -> logits model, so a GGUF file is scored like a model folder."""
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__()
+        self.engine, self.cfg = engine, engine.cfg
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.engine.score(row.tolist()) for row in inputs]).to(inputs.device)
+
+
 def evaluate_export(cfg: DictConfig) -> dict[str, Any]:
-    """Score the model folder `cfg.export` on the held-out split of `cfg.data`."""
+    """Score the model folder or .gguf `cfg.export` on the held-out split of `cfg.data`."""
     path = Path(cfg.export).expanduser()
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {path}")
         engine = Engine.from_path(path, cfg.device, backend="fp32")
         model, meta, tokenizer = EngineLM(engine), engine.meta, engine.tokenizer
     else:

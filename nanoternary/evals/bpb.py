@@ -17,8 +17,6 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from nanoternary.infer.engine import Engine
-
 
 @dataclass
 class HeldoutScore:
@@ -50,17 +48,6 @@ def score_from_sums(sums: torch.Tensor) -> HeldoutScore:
         raise ValueError("held-out evaluation saw no tokens")
     bpb = nll_sum / (math.log(2) * nbytes) if nbytes else None
     return HeldoutScore(loss=nll_sum / count, bpb=bpb, tokens=int(count), bytes=int(nbytes))
-
-
-class EngineLM(torch.nn.Module):
-    """An inference Engine as a (batch, seq) -> logits model, so a GGUF file is scored like a model folder."""
-
-    def __init__(self, engine: Engine) -> None:
-        super().__init__()
-        self.engine, self.cfg = engine, engine.cfg
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self.engine.score(row.tolist()) for row in inputs]).to(inputs.device)
 
 
 @torch.no_grad()
