@@ -166,10 +166,11 @@ class Engine:
         self.rope_cos = model.rope_cos
         self.rope_sin = torch.cat([-model.rope_sin[:, :half], model.rope_sin[:, half:]], dim=-1)
         # LM head: the fp32 backend keeps the training forward's F.linear (bit-identical logits); cpp reads
-        # the tied embedding as fp16 when that is exact (F16 GGUF embeddings), int8 as (dim, vocab), whose
-        # matrix-vector product is several times faster on CPU than F.linear's
+        # the tied embedding as fp16 (dim, vocab) when that is exact (F16 GGUF embeddings), int8 as
+        # (dim, vocab), whose matrix-vector product is several times faster on CPU than F.linear's
         w = model.embed.weight
-        self.head_f16 = w.half() if self.backend == "cpp" and torch.equal(w.half().float(), w) else None
+        exact_f16 = self.backend == "cpp" and torch.equal(w.half().float(), w)
+        self.head_f16 = w.half().t().contiguous() if exact_f16 else None
         self.head = w.t().contiguous() if self.backend != "fp32" and self.head_f16 is None else None
 
     @classmethod

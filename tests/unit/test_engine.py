@@ -32,14 +32,16 @@ def small_engine(tokenizer):
     return Engine(ModelTensors.from_model(random_model(SMALL), tokenizer))
 
 
-def test_backends_agree_on_the_integer_sums_with_and_without_a_fused_norm():
+# cpp tiles 4 tokens x 4 outputs: whole tiles, the tokens left over, and 98 = 24 x 4 + 2 outputs
+@pytest.mark.parametrize("tokens", [1, 5, 16, 19])
+def test_backends_agree_on_the_integer_sums_with_and_without_a_fused_norm(tokens):
     torch.manual_seed(0)
-    codes = torch.randint(-1, 2, (96, 256), dtype=torch.int8)
+    codes = torch.randint(-1, 2, (98, 256), dtype=torch.int8)
     weight = TernaryTensor(codes, torch.tensor([[0.0123]]))
     norm = RMSNorm(256, 1e-6)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
-    x = torch.randn(5, 256)
+    x = torch.randn(tokens, 256)
     for fused in (None, norm):
         ref = TernaryLinear(weight, "fp32", norm=fused)
         want = ref(x)
@@ -49,8 +51,21 @@ def test_backends_agree_on_the_integer_sums_with_and_without_a_fused_norm():
             assert torch.allclose(fast(x), want, rtol=1e-5, atol=1e-5), (backend, fused)
     expected = F.linear(quantize_activation(norm(x)), weight.dense())  # the training BitLinear's arithmetic
     assert torch.equal(TernaryLinear(weight, "fp32", norm=norm)(x), expected)
-    grouped = TernaryLinear(TernaryTensor(codes, torch.rand(96, 2) + 0.01), "cpp")
+    grouped = TernaryLinear(TernaryTensor(codes, torch.rand(98, 2) + 0.01), "cpp")
     assert grouped.backend == "fp32"  # cpp and int8 need one scale per row or tensor
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 4, 16, 17])  # whole 4-token tiles and the rows left over
+def test_fp16_head_kernel_equals_the_float_product(tokens):
+    torch.manual_seed(0)
+    vocab, dim = 64 * 5 + 37, 256  # 5 whole 64-entry vocab tiles and a tail
+    embedding = torch.randn(vocab, dim).half()
+    h = torch.randn(tokens, dim)
+    logits = native_ops().head_f16(h, embedding.t().contiguous())
+    assert logits.shape == (tokens, vocab)
+    torch.testing.assert_close(logits, h @ embedding.float().t(), rtol=1e-5, atol=1e-4)
+    with pytest.raises(RuntimeError, match=r"wt: contiguous \(K, V\) fp16"):
+        native_ops().head_f16(h, embedding)
 
 
 def test_packed_codes_round_trip():

@@ -56,28 +56,36 @@ inline int32_t dot_u8s8(const uint8_t* a, const int8_t* b, int64_t K) {
 #endif
 }
 
-// Four dot products of one activation row with four code rows (one reduction for all four).
-inline void dot4_u8s8(const uint8_t* a, const int8_t* b, int64_t K, int32_t* out) {
+// Dot products of MB activation rows with four code rows: each code vector is loaded once for all MB rows,
+// and each row's four sums are reduced together.
+template <int MB>
+inline void dot4_u8s8(const uint8_t* a, const int8_t* b, int64_t K, int32_t* out, int64_t out_stride) {
 #ifdef NT_VNNI
   if (K % 64 == 0) {
-    __m512i c0 = _mm512_setzero_si512(), c1 = c0, c2 = c0, c3 = c0;
+    __m512i c[MB][4];
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < 4; ++j) c[i][j] = _mm512_setzero_si512();
     for (int64_t k = 0; k < K; k += 64) {
-      const __m512i x = _mm512_loadu_si512(a + k);
-      c0 = _mm512_dpbusd_epi32(c0, x, _mm512_loadu_si512(b + k));
-      c1 = _mm512_dpbusd_epi32(c1, x, _mm512_loadu_si512(b + K + k));
-      c2 = _mm512_dpbusd_epi32(c2, x, _mm512_loadu_si512(b + 2 * K + k));
-      c3 = _mm512_dpbusd_epi32(c3, x, _mm512_loadu_si512(b + 3 * K + k));
+      __m512i w[4];
+      for (int j = 0; j < 4; ++j) w[j] = _mm512_loadu_si512(b + j * K + k);
+      for (int i = 0; i < MB; ++i) {
+        const __m512i x = _mm512_loadu_si512(a + i * K + k);
+        for (int j = 0; j < 4; ++j) c[i][j] = _mm512_dpbusd_epi32(c[i][j], x, w[j]);
+      }
     }
-    const __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(c0, c1), _mm512_unpackhi_epi32(c0, c1));
-    const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(c2, c3), _mm512_unpackhi_epi32(c2, c3));
-    const __m512i t2 = _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
-    const __m128i r = _mm_add_epi32(_mm_add_epi32(_mm512_extracti32x4_epi32(t2, 0), _mm512_extracti32x4_epi32(t2, 1)),
-                                    _mm_add_epi32(_mm512_extracti32x4_epi32(t2, 2), _mm512_extracti32x4_epi32(t2, 3)));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), r);
+    for (int i = 0; i < MB; ++i) {
+      const __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(c[i][0], c[i][1]), _mm512_unpackhi_epi32(c[i][0], c[i][1]));
+      const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(c[i][2], c[i][3]), _mm512_unpackhi_epi32(c[i][2], c[i][3]));
+      const __m512i t2 = _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
+      const __m128i r = _mm_add_epi32(_mm_add_epi32(_mm512_extracti32x4_epi32(t2, 0), _mm512_extracti32x4_epi32(t2, 1)),
+                                      _mm_add_epi32(_mm512_extracti32x4_epi32(t2, 2), _mm512_extracti32x4_epi32(t2, 3)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i * out_stride), r);
+    }
     return;
   }
 #endif
-  for (int j = 0; j < 4; ++j) out[j] = dot_u8s8(a, b + j * K, K);
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < 4; ++j) out[i * out_stride + j] = dot_u8s8(a + i * K, b + j * K, K);
 }
 
 inline float dot_f32(const float* a, const float* b, int64_t n) {
@@ -115,18 +123,23 @@ torch::Tensor ternary_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor
   const int32_t* sums = code_sums.data_ptr<int32_t>();
   const float* sp = scale.data_ptr<float>();
   at::parallel_for(0, (N + 3) / 4, 64, [&](int64_t g0, int64_t g1) {
-    int32_t acc[4];
+    int32_t acc[4 * 4];  // (row of the tile, code row)
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t n = 4 * g, width = std::min<int64_t>(4, N - n);
-      for (int64_t m = 0; m < M; ++m) {
+      for (int64_t m = 0; m < M;) {
         const uint8_t* a = q.data() + m * K;
-        if (width == 4) {
-          dot4_u8s8(a, cp + n * K, K, acc);
+        const int64_t rows = width == 4 && M - m >= 4 ? 4 : 1;
+        if (rows == 4) {
+          dot4_u8s8<4>(a, cp + n * K, K, acc, 4);
+        } else if (width == 4) {
+          dot4_u8s8<1>(a, cp + n * K, K, acc, 4);
         } else {
           for (int64_t j = 0; j < width; ++j) acc[j] = dot_u8s8(a, cp + (n + j) * K, K);
         }
-        for (int64_t j = 0; j < width; ++j) {
-          yp[m * N + n + j] = (float)(acc[j] - 128 * sums[n + j]) * sp[n + j] / inv[m];
+        for (int64_t i = 0; i < rows; ++i, ++m) {
+          for (int64_t j = 0; j < width; ++j) {
+            yp[m * N + n + j] = (float)(acc[i * 4 + j] - 128 * sums[n + j]) * sp[n + j] / inv[m];
+          }
         }
       }
     }
@@ -193,30 +206,67 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tens
   return out;
 }
 
-// Logits = h @ wᵀ for a tied embedding stored as fp16 (V, K) (exact when the GGUF holds F16 embeddings):
-// half the memory traffic of float32, which dominates the LM head of a small model.
-torch::Tensor head_f16(torch::Tensor h, torch::Tensor w) {
+// Logits = h @ wt for a tied embedding stored transposed as fp16 wt (K, V) (exact when the GGUF holds F16
+// embeddings): half the memory traffic of float32, which dominates the LM head of a small model. Tiles of
+// MB tokens x 64 vocab entries accumulate in 4 * MB registers along k, so no dot product ever needs a
+// horizontal sum and each converted weight vector serves MB tokens.
+namespace {
+constexpr int64_t HEAD_VB = 64;  // vocab entries per tile: 4 AVX-512 vectors
+
+template <int MB>
+void head_tile(const float* hp, const uint16_t* wp, float* op, int64_t K, int64_t V, int64_t v0) {
+#ifdef __AVX512F__
+  __m512 acc[MB][4];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const uint16_t* src = wp + k * V + v0;
+    __m512 w[4];
+    for (int j = 0; j < 4; ++j)
+      w[j] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 16 * j)));
+    for (int i = 0; i < MB; ++i) {
+      const __m512 x = _mm512_set1_ps(hp[i * K + k]);
+      for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_fmadd_ps(x, w[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(op + i * V + v0 + 16 * j, acc[i][j]);
+#else
+  for (int i = 0; i < MB; ++i)
+    for (int64_t v = v0; v < v0 + HEAD_VB; ++v) {
+      float sum = 0.f;
+      for (int64_t k = 0; k < K; ++k) sum += hp[i * K + k] * c10::detail::fp16_ieee_to_fp32_value(wp[k * V + v]);
+      op[i * V + v] = sum;
+    }
+#endif
+}
+}  // namespace
+
+torch::Tensor head_f16(torch::Tensor h, torch::Tensor wt) {
   TORCH_CHECK(h.dim() == 2 && h.is_contiguous() && h.scalar_type() == torch::kFloat32, "h: contiguous (M, K) float32");
-  TORCH_CHECK(w.is_contiguous() && w.scalar_type() == torch::kHalf && w.size(1) == h.size(1), "w: contiguous (V, K) fp16");
-  const int64_t M = h.size(0), K = h.size(1), V = w.size(0);
+  TORCH_CHECK(wt.is_contiguous() && wt.scalar_type() == torch::kHalf && wt.size(0) == h.size(1),
+              "wt: contiguous (K, V) fp16");
+  const int64_t M = h.size(0), K = h.size(1), V = wt.size(1);
   auto out = torch::empty({M, V}, h.options());
   const float* hp = h.data_ptr<float>();
-  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::Half>());
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(wt.data_ptr<at::Half>());
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, V, 256, [&](int64_t v0, int64_t v1) {
-    std::vector<float> row(K);
-    for (int64_t v = v0; v < v1; ++v) {
-      const uint16_t* src = wp + v * K;
-      int64_t k = 0;
-#ifdef __AVX512F__
-      for (; k + 16 <= K; k += 16) {
-        _mm512_storeu_ps(row.data() + k, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k))));
-      }
-#endif
-      for (; k < K; ++k) row[k] = c10::detail::fp16_ieee_to_fp32_value(src[k]);
-      for (int64_t m = 0; m < M; ++m) op[m * V + v] = dot_f32(hp + m * K, row.data(), K);
+  const int64_t tiles = V / HEAD_VB;
+  at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t v0 = t * HEAD_VB;
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) head_tile<4>(hp + m * K, wp, op + m * V, K, V, v0);
+      for (; m < M; ++m) head_tile<1>(hp + m * K, wp, op + m * V, K, V, v0);
     }
   });
+  for (int64_t v = tiles * HEAD_VB; v < V; ++v) {  // a vocabulary that is not a multiple of 64: the rest
+    for (int64_t m = 0; m < M; ++m) {
+      float sum = 0.f;
+      for (int64_t k = 0; k < K; ++k) sum += hp[m * K + k] * c10::detail::fp16_ieee_to_fp32_value(wp[k * V + v]);
+      op[m * V + v] = sum;
+    }
+  }
   return out;
 }
 
@@ -231,6 +281,6 @@ bool has_vnni() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ternary_linear", &ternary_linear, "[rmsnorm] + 8-bit activations + ternary matmul");
   m.def("decode_attention", &decode_attention, "KV-cache write + attention for one new position per sequence");
-  m.def("head_f16", &head_f16, "h @ w.T with fp16 weights");
+  m.def("head_f16", &head_f16, "h @ wt with transposed fp16 weights");
   m.def("has_vnni", &has_vnni, "compiled with AVX512-VNNI dot products");
 }
