@@ -102,7 +102,9 @@ def find_runs(root: Path, select: list[str]) -> list[Path]:
     return found
 
 
-def load_run(path: Path, root: Path) -> Run:
+def load_run(path: Path, root: Path, config: DictConfig | None = None) -> Run:
+    """The run in folder `path`. `config` instead of its .hydra/config.yaml: train.py passes its own, since
+    with `paths.output_dir=...` the run's files and Hydra's .hydra/ folder are in different places."""
     hydra_cfg = (
         OmegaConf.load(path / ".hydra" / "hydra.yaml") if (path / ".hydra" / "hydra.yaml").is_file() else None
     )
@@ -110,7 +112,7 @@ def load_run(path: Path, root: Path) -> Run:
     return Run(
         name=path.relative_to(root).as_posix(),
         path=path,
-        config=OmegaConf.load(path / ".hydra" / "config.yaml"),
+        config=config if config is not None else OmegaConf.load(path / ".hydra" / "config.yaml"),
         choices=choices,
         metrics=read_metrics(path / "metrics.csv"),
         summary=read_json(path / "summary.json"),

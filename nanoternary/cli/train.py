@@ -136,7 +136,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             sample_tokens=cfg.sample_tokens,
         )
         run_dir = Path(cfg.paths.output_dir)
-        for png in plot_runs([load_run(run_dir, run_dir.parent)], run_dir):
+        for png in plot_runs([load_run(run_dir, run_dir.parent, config=cfg)], run_dir):
             log.info("plotted %s", png)
     return result
 

@@ -67,7 +67,10 @@ def test_fast_run_writes_every_file_and_honours_max_steps(tmp_path, cache_dir):
 
 
 def test_export_round_trip_gives_identical_logits(tmp_path, cache_dir):
-    out = run_train(tmp_path, cache_dir, *FAST, "trainer.max_steps=2")
+    """Also a run whose files go to `paths.output_dir`, away from Hydra's run folder (and its .hydra/)."""
+    out = tmp_path / "elsewhere"
+    run_train(tmp_path, cache_dir, *FAST, "trainer.max_steps=2", f"paths.output_dir={out}")
+    assert nonblank(out / "loss.png") and not (out / ".hydra").exists()
     model, meta, tokenizer = load_export(out / "export" / "final")
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     from nanoternary.lit.module import LitTernaryLM
