@@ -6,7 +6,8 @@ B = the same model and optimizers in an eager fp32 loop, bare = A's step without
 (stderr) gives tokens/s of each, A/B, A/bare (Lightning's overhead), A's first step including
 compilation, peak RSS and the load average; stdout and bench.json carry the JSON.
 `curves=true` instead trains A and B for `curve_steps` steps from the same weights on the same batches
-and reports how far their losses drift apart (and plots them, when matplotlib is installed).
+and reports how far their losses drift apart (and plots them, when matplotlib is installed); when A uses
+autocast, A in fp32 runs too, as the control for how far rounding alone moves a trajectory.
 """
 
 from __future__ import annotations
@@ -113,23 +114,52 @@ def summary_parts(r: dict[str, Any]) -> list[str]:
     return parts
 
 
-def compare_curves(a: list[float], b: list[float], window: int = 10) -> dict[str, float]:
-    """How far two loss curves are apart: per step, and as means over `window`-step blocks (the step-to-step
-    noise of two trajectories that diverge by rounding averages out in the blocks)."""
-    diffs = [abs(x - y) for x, y in zip(a, b, strict=True)]
-    blocks = [
-        (statistics.fmean(a[i : i + window]), statistics.fmean(b[i : i + window]))
-        for i in range(0, len(a), window)
+def block_mean_diffs(a: list[float], b: list[float], block: int) -> list[float]:
+    """mean(a) - mean(b) over consecutive `block`-step blocks."""
+    return [
+        statistics.fmean(a[i : i + block]) - statistics.fmean(b[i : i + block])
+        for i in range(0, len(a), block)
     ]
+
+
+def compare_curves(a: list[float], b: list[float], window: int = 10, block: int = 50) -> dict[str, Any]:
+    """How far two loss curves are apart: per step, as the largest gap between `window`-step means (the
+    step-to-step noise of two trajectories that diverge by rounding averages out in them), and the signed
+    gap of each `block`-step mean (does one run train systematically worse?)."""
+    diffs = [abs(x - y) for x, y in zip(a, b, strict=True)]
     return {
         "max_abs_diff": max(diffs),
         "mean_abs_diff": statistics.fmean(diffs),
-        f"max_abs_diff_{window}_step_mean": max(abs(x - y) for x, y in blocks),
+        f"max_abs_diff_{window}_step_mean": max(abs(d) for d in block_mean_diffs(a, b, window)),
+        f"mean_diff_per_{block}_steps": block_mean_diffs(a, b, block),
         "final_A": a[-1],
         "final_B": b[-1],
         "first_A": a[0],
         "first_B": b[0],
     }
+
+
+def curves_summary(result: dict[str, Any]) -> str:
+    """The curves measurement in a few lines: A against B, and the fp32 control against B."""
+
+    def gaps(r: dict[str, Any]) -> str:
+        blocks = ", ".join(f"{d:+.3f}" for d in r["mean_diff_per_50_steps"])
+        return (
+            f"max |diff| {r['max_abs_diff']:.4f}, mean {r['mean_abs_diff']:.4f}, of 10-step means "
+            f"{r['max_abs_diff_10_step_mean']:.4f}; 50-step means minus B's: {blocks}"
+        )
+
+    lines = [
+        f"model={result['model']}: {len(result['A_loss'])} steps, first loss A {result['first_A']:.4f} "
+        f"B {result['first_B']:.4f}, final A {result['final_A']:.4f} B {result['final_B']:.4f}; "
+        f"load {result['load_avg'][0]:.1f}",
+        f"A ({result['precision']}) vs B: {gaps(result)}",
+    ]
+    if "A_fp32_vs_B" in result:
+        lines.append(f"A_fp32 (control) vs B: {gaps(result['A_fp32_vs_B'])}")
+    if result["png"]:
+        lines.append(f"plot {result['png']}")
+    return "\n".join(lines)
 
 
 def plot_curves(result: dict[str, Any], path: Path) -> bool:
@@ -142,17 +172,23 @@ def plot_curves(result: dict[str, Any], path: Path) -> bool:
     except ImportError:
         log.warning("matplotlib is not installed: no %s", path.name)
         return False
-    a, b = result["A_loss"], result["B_loss"]
-    steps = range(1, len(a) + 1)
+    b = result["B_loss"]
+    steps = range(1, len(b) + 1)
+    curves = {f"A: Lightning, {result['precision']}, compile={result['compile']}": result["A_loss"]}
+    if "A_fp32_loss" in result:
+        curves[f"A_fp32 (control): Lightning, 32-true, compile={result['compile']}"] = result["A_fp32_loss"]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=[3, 1])
-    top.plot(steps, b, label="B: eager fp32, torch.optim.Muon", linewidth=1)
-    top.plot(steps, a, label=f"A: Lightning, {result['precision']}, compile={result['compile']}", linewidth=1)
+    top.plot(steps, b, label="B: eager fp32, torch.optim.Muon", linewidth=1, color="C0")
+    for i, (label, losses) in enumerate(curves.items(), start=1):
+        top.plot(steps, losses, label=label, linewidth=1, color=f"C{i}")
+        diffs = [x - y for x, y in zip(losses, b, strict=True)]
+        bottom.plot(steps, diffs, color=f"C{i}", linewidth=0.8, label=f"{label.split(':')[0]} - B")
     top.set_ylabel("train loss (nats)")
-    top.set_title(f"model={result['model']}: training loss of A and B from the same weights and batches")
-    top.legend()
-    bottom.plot(steps, [x - y for x, y in zip(a, b, strict=True)], color="black", linewidth=0.8)
+    top.set_title(f"model={result['model']}: training losses from the same weights and batches")
+    top.legend(fontsize=8)
     bottom.axhline(0, color="grey", linewidth=0.5)
-    bottom.set_ylabel("A - B")
+    bottom.legend(fontsize=8)
+    bottom.set_ylabel("minus B")
     bottom.set_xlabel("optimizer step")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -171,15 +207,10 @@ def bench(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     if cfg.curves:
         result = run_child(child_spec(cfg, models[0]), cfg.cold_compile)
         result.update(compare_curves(result["A_loss"], result["B_loss"]))
+        if "A_fp32_loss" in result:
+            result["A_fp32_vs_B"] = compare_curves(result["A_fp32_loss"], result["B_loss"])
         result["png"] = str(out_dir / "curves.png") if plot_curves(result, out_dir / "curves.png") else None
-        print(
-            f"model={result['model']}: {len(result['A_loss'])} steps, first loss A {result['first_A']:.4f} "
-            f"B {result['first_B']:.4f}, final A {result['final_A']:.4f} B {result['final_B']:.4f}; "
-            f"max |A - B| {result['max_abs_diff']:.4f}, mean {result['mean_abs_diff']:.4f}, of 10-step means "
-            f"{result['max_abs_diff_10_step_mean']:.4f}; load {result['load_avg'][0]:.1f}"
-            f"{'; plot ' + result['png'] if result['png'] else ''}",
-            file=sys.stderr,
-        )
+        print(curves_summary(result), file=sys.stderr)
         return result
     results = []
     for model in models:

@@ -9,8 +9,9 @@ order, so the loops take turns under the same machine load. Each loop's chunk is
 (synchronized on CUDA) and on the process CPU clock; a ratio is the median over rounds of the per-round
 ratios.
 
-Curves: A trains `curve_steps` steps through Lightning, then B trains the same steps from the same
-initial weights on the same batches; both per-step losses are returned.
+Curves: A trains `curve_steps` steps through Lightning (and, when A uses autocast, so does A in fp32),
+then B trains the same steps from the same initial weights on the same batches; every per-step loss
+is returned.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -33,7 +35,7 @@ from hydra.utils import instantiate
 from lightning.fabric.utilities.throughput import get_available_flops
 from omegaconf import DictConfig
 
-from nanoternary.cli.bench_loops import PlainLoop, autocast_for, step_flops, wsd_schedule
+from nanoternary.cli.bench_loops import FULL_PRECISION, PlainLoop, autocast_for, step_flops, wsd_schedule
 from nanoternary.cli.resolvers import cpu_precision
 from nanoternary.cli.train import CONF_DIR, instantiate_all, make_module
 from nanoternary.data.datamodule import PreparedCorpus, TokenDataModule
@@ -293,24 +295,38 @@ class LossRecorder(L.Callback):
         self.losses.append(float(loss))
 
 
-def measure_curves(spec: Spec, cfg: DictConfig, device: torch.device) -> dict[str, Any]:
+def lightning_losses(
+    cfg: DictConfig, corpus: PreparedCorpus, weights: dict[str, torch.Tensor], steps: int
+) -> list[float]:
+    """Per-step training losses of `steps` steps through Lightning (A), from `weights`."""
     datamodule: TokenDataModule = instantiate(cfg.data)
-    corpus = datamodule.prepare()
+    datamodule.corpus = corpus
     module = make_module(cfg, corpus)
-    reference = reference_loop(cfg, corpus, device, spec.curve_steps)
-    reference.model.load_state_dict(module.model.state_dict())
+    module.model.load_state_dict(weights)
     recorder = LossRecorder()
-    make_trainer(cfg, spec.curve_steps, [recorder]).fit(module, datamodule=datamodule)
-    b_losses = [float(reference.step()) for _ in range(spec.curve_steps)]
-    return {
+    make_trainer(cfg, steps, [recorder]).fit(module, datamodule=datamodule)
+    return recorder.losses
+
+
+def measure_curves(spec: Spec, cfg: DictConfig, device: torch.device) -> dict[str, Any]:
+    """A and B from the same weights on the same batches. When A runs under autocast, also A_fp32: A with
+    `trainer.precision=32-true`, the control that shows how far rounding alone (compiled kernels against
+    eager ones, both fp32) moves the trajectory away from B's."""
+    corpus = instantiate(cfg.data).prepare()
+    reference = reference_loop(cfg, corpus, device, spec.curve_steps)
+    weights = {k: v.clone() for k, v in reference.model.state_dict().items()}
+    result = {
         "model": spec.model,
         "precision": str(cfg.trainer.precision),
         "compile": bool(cfg.compile),
-        "A_loss": recorder.losses,
-        "B_loss": b_losses,
-        "load_avg": os.getloadavg(),
-        **environment(device),
+        "A_loss": lightning_losses(cfg, corpus, weights, spec.curve_steps),
     }
+    if cfg.trainer.precision not in FULL_PRECISION:
+        fp32 = replace(spec, train_overrides=[*spec.train_overrides, "trainer.precision=32-true"])
+        fp32_cfg = train_config(fp32, str(Path(cfg.paths.output_dir) / "fp32"))
+        result["A_fp32_loss"] = lightning_losses(fp32_cfg, corpus, weights, spec.curve_steps)
+    result["B_loss"] = [float(reference.step()) for _ in range(spec.curve_steps)]
+    return {**result, "load_avg": os.getloadavg(), **environment(device)}
 
 
 def run(spec: Spec) -> dict[str, Any]:

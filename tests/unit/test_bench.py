@@ -16,7 +16,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from nanoternary.cli.bench import CONF_DIR, bench, compare_curves, plot_curves, speed_table
+from nanoternary.cli.bench import CONF_DIR, bench, compare_curves, curves_summary, plot_curves, speed_table
 from nanoternary.cli.bench_loops import PlainLoop, autocast_for, wsd_schedule
 from nanoternary.cli.bench_train import Spec, run
 from nanoternary.lit.module import lm_loss
@@ -112,17 +112,39 @@ def test_without_compile_and_autocast_lightning_trains_exactly_like_the_plain_lo
     assert len(set(result["B_loss"])) == 4  # it trained: every step's loss differs
 
 
+def test_under_autocast_the_curves_include_the_fp32_control(cache_dir):
+    """Same weights and first batch: before any update, the fp32 control's loss is B's and A's is within
+    bf16 rounding of it; then all three train."""
+    fast = [*FAST, "trainer.precision=bf16-mixed"]
+    result = run(Spec(model="tiny", batch_size=BATCH, curve_steps=3, train_overrides=fast))
+    a, a32, b = result["A_loss"], result["A_fp32_loss"], result["B_loss"]
+    assert result["precision"] == "bf16-mixed" and len(a) == len(a32) == len(b) == 3
+    assert a32[0] == pytest.approx(b[0], abs=1e-5)
+    assert a[0] != a32[0] and a[0] == pytest.approx(b[0], abs=0.05)
+    assert len(set(a32)) == 3
+
+
 def test_curves_summary_and_plot(tmp_path):
     a, b = [4.0, 3.0, 2.5, 2.0], [4.0, 3.1, 2.4, 2.2]
-    out = compare_curves(a, b, window=2)
+    out = compare_curves(a, b, window=2, block=2)
     assert out["max_abs_diff"] == pytest.approx(0.2) and out["mean_abs_diff"] == pytest.approx(0.1)
     assert out["max_abs_diff_2_step_mean"] == pytest.approx(0.05)
+    assert out["mean_diff_per_2_steps"] == pytest.approx([-0.05, -0.05])
     assert (out["first_A"], out["final_B"]) == (4.0, 2.2)
+    result = {"A_loss": a, "A_fp32_loss": b[::-1], "B_loss": b, "model": "tiny", "precision": "bf16-mixed"}
+    result.update(compile=True, load_avg=(1.0, 1.0, 1.0), **compare_curves(a, b))
+    result["A_fp32_vs_B"] = compare_curves(b[::-1], b)
     png = tmp_path / "curves.png"
-    assert plot_curves(
-        {"A_loss": a, "B_loss": b, "model": "tiny", "precision": "bf16-mixed", "compile": True}, png
-    )
+    assert plot_curves(result, png)
     assert png.read_bytes()[:4] == b"\x89PNG"
+    result["png"] = str(png)
+    lines = curves_summary(result).splitlines()
+    assert lines[0] == "model=tiny: 4 steps, first loss A 4.0000 B 4.0000, final A 2.0000 B 2.2000; load 1.0"
+    assert lines[1] == (
+        "A (bf16-mixed) vs B: max |diff| 0.2000, mean 0.1000, of 10-step means 0.0500; "
+        "50-step means minus B's: -0.050"
+    )
+    assert lines[2].startswith("A_fp32 (control) vs B: max |diff| 1.8000") and lines[3] == f"plot {png}"
 
 
 def test_plain_loop_applies_the_schedule_and_clips(cache_dir):
