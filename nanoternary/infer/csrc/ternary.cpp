@@ -213,6 +213,13 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tens
 namespace {
 constexpr int64_t HEAD_VB = 64;  // vocab entries per tile: 4 AVX-512 vectors
 
+// One logit, h · wt[:, v]: the scalar path (no AVX-512, or vocabulary entries past the last whole tile).
+inline float head_logit(const float* h, const uint16_t* wp, int64_t K, int64_t V, int64_t v) {
+  float sum = 0.f;
+  for (int64_t k = 0; k < K; ++k) sum += h[k] * c10::detail::fp16_ieee_to_fp32_value(wp[k * V + v]);
+  return sum;
+}
+
 template <int MB>
 void head_tile(const float* hp, const uint16_t* wp, float* op, int64_t K, int64_t V, int64_t v0) {
 #ifdef __AVX512F__
@@ -233,11 +240,7 @@ void head_tile(const float* hp, const uint16_t* wp, float* op, int64_t K, int64_
     for (int j = 0; j < 4; ++j) _mm512_storeu_ps(op + i * V + v0 + 16 * j, acc[i][j]);
 #else
   for (int i = 0; i < MB; ++i)
-    for (int64_t v = v0; v < v0 + HEAD_VB; ++v) {
-      float sum = 0.f;
-      for (int64_t k = 0; k < K; ++k) sum += hp[i * K + k] * c10::detail::fp16_ieee_to_fp32_value(wp[k * V + v]);
-      op[i * V + v] = sum;
-    }
+    for (int64_t v = v0; v < v0 + HEAD_VB; ++v) op[i * V + v] = head_logit(hp + i * K, wp, K, V, v);
 #endif
 }
 }  // namespace
@@ -261,11 +264,7 @@ torch::Tensor head_f16(torch::Tensor h, torch::Tensor wt) {
     }
   });
   for (int64_t v = tiles * HEAD_VB; v < V; ++v) {  // a vocabulary that is not a multiple of 64: the rest
-    for (int64_t m = 0; m < M; ++m) {
-      float sum = 0.f;
-      for (int64_t k = 0; k < K; ++k) sum += hp[m * K + k] * c10::detail::fp16_ieee_to_fp32_value(wp[k * V + v]);
-      op[m * V + v] = sum;
-    }
+    for (int64_t m = 0; m < M; ++m) op[m * V + v] = head_logit(hp + m * K, wp, K, V, v);
   }
   return out;
 }
