@@ -18,7 +18,7 @@ from nanoternary.io.tensors import ModelTensors
 from nanoternary.lit.callbacks.gguf_export import GGUFExport
 from nanoternary.model.config import MHCConfig, ModelConfig
 from tests.conftest import REPO_ROOT
-from tests.models import assert_same_logits, preset, random_model
+from tests.models import assert_close_logits, assert_same_logits, preset, random_model
 
 CODE = "def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n"
 Q = gguf.GGMLQuantizationType
@@ -65,10 +65,14 @@ def test_bitnet_gguf_logits_equal_the_training_model_with_fp16_embeddings(bitnet
     with torch.no_grad():
         rounded.embed.weight.copy_(rounded.embed.weight.half().float())
         want = rounded(torch.tensor([ids]))[0]
-    engine = Engine.from_path(export_gguf(tmp_path / "b.gguf", bitnet, arch="bitnet"), backend="fp32")
+    path = export_gguf(tmp_path / "b.gguf", bitnet, arch="bitnet")
+    engine = Engine.from_path(path, backend="fp32")
     assert_same_logits(engine.score(ids), want)
     assert engine.cfg.sub_norms and engine.cfg.group_size == 0 and engine.cfg.mhc.n_streams == 1
     assert engine.tokenizer.encode(CODE) == ids
+    fast = Engine.from_path(path)  # integer sums, and the F16 embedding read by the fp16 head kernel
+    assert fast.backend == "cpp" and fast.head_f16 is not None
+    assert_close_logits(fast.score(ids), want)
 
 
 def test_bitnet_layout_names_types_shapes_and_keys(bitnet, tmp_path):
