@@ -126,8 +126,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if export is not None and export.final_meta:
         result.update({"val/loss": export.final_meta["val_loss"], "val/bpb": export.final_meta["val_bpb"]})
     if trainer.is_global_zero:
+        run_dir = Path(cfg.paths.output_dir)
         print_run_summary(
-            run_dir=Path(cfg.paths.output_dir),
+            run_dir=run_dir,
             module=module,
             datamodule=datamodule,
             metrics=result,
@@ -135,7 +136,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             sample_prompt=cfg.sample_prompt,
             sample_tokens=cfg.sample_tokens,
         )
-        run_dir = Path(cfg.paths.output_dir)
         for png in plot_runs([load_run(run_dir, run_dir.parent, config=cfg)], run_dir):
             log.info("plotted %s", png)
     return result
