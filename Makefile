@@ -30,6 +30,9 @@ test: setup  ## run the default test suite (fast, CPU)
 test-slow: setup  ## run the whole test suite including slow tests
 	$(PY) -m pytest -q -m "" $(ARGS)
 
+test-gpu: setup  ## the tests that need a CUDA device: the engine on the GPU, trainer=gpu and trainer=ddp on 1 GPU
+	$(PY) -m pytest -q -m gpu $(ARGS)
+
 lint: setup  ## ruff check + format check
 	$(VENV)/bin/ruff check nanoternary tests benchmarks train.py
 	$(VENV)/bin/ruff format --check nanoternary tests benchmarks train.py
