@@ -1,10 +1,11 @@
-"""When a logged Python number is worth its cost.
+"""When a logged value is worth its cost.
 
-`self.log(name, float)` turns the number into a tensor on the module's device: on CUDA a blocking copy,
-i.e. a host-device sync, every step it is called. Lightning only hands logged values to the loggers
-every `trainer.log_every_n_steps` batches, so numbers that are not tensors already are logged on those
-batches only; the metrics files come out the same. (Tensors, e.g. the loss, can be logged every step:
-they stay on the device until Lightning converts them on a logging step.)
+Lightning only hands logged values to the loggers every `trainer.log_every_n_steps` batches, but every
+`self.log` call costs on every batch it is made: about a millisecond of host Python on a 2-core CPU,
+a blocking copy to the device for a Python number, and for a `prog_bar` tensor a conversion to a Python
+number, i.e. a host-device sync on CUDA. Logging the loss and gradient norm every batch made Lightning's
+overhead 23% of a minimal model's step; logging them on logging batches only, 7%. The metrics files come
+out the same.
 """
 
 from __future__ import annotations

@@ -91,6 +91,7 @@ class LitTernaryLM(L.LightningModule):
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         opts = self.optimizers()
         opts = opts if isinstance(opts, list) else [opts]
+        due = logs_due(self.trainer)  # log only what reaches the loggers: see nanoternary/lit/log_due.py
         loss = self.train_loss_fn(self.model, batch)
         self.manual_backward(loss / self.accumulate)
         first = batch_idx % self.accumulate == 0
@@ -109,10 +110,11 @@ class LitTernaryLM(L.LightningModule):
                     opt.optimizer.step()
             for opt in opts:
                 opt.zero_grad(set_to_none=True)
-            self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False)
-            if logs_due(self.trainer):
+            if due:
+                self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False)
                 self.log("train/skipped_steps", float(self.nonfinite.skipped), on_step=True, on_epoch=False)
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        if due:
+            self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
     def step_is_finite(self, grad_norm: torch.Tensor) -> bool:
