@@ -29,7 +29,9 @@ def test_training_step_logs_on_logging_batches_only(tmp_path, cache_dir):
         return log(name, *args, **kwargs)
 
     module.log = counting_log
-    trainer = tiny_trainer(tmp_path, 7, [where], log_every_n_steps=3, val_check_interval=100, limit_val_batches=0)
+    trainer = tiny_trainer(
+        tmp_path, 7, [where], log_every_n_steps=3, val_check_interval=100, limit_val_batches=0
+    )
     trainer.fit(module, datamodule=dm)
     assert sorted(calls) == [
         (b, name) for b in (2, 5) for name in ("train/grad_norm", "train/loss", "train/skipped_steps")
