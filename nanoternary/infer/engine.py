@@ -31,6 +31,7 @@ from nanoternary.infer.kernels import BACKENDS, DenseLinear, TernaryLinear, fp16
 from nanoternary.infer.sampling import SamplingParams, find_stop, make_generator, partial_stop_len, sample
 from nanoternary.io.gguf import read_gguf
 from nanoternary.io.tensors import ModelTensors, display_name
+from nanoternary.model.quant import ACT_EPS
 from nanoternary.model.transformer import TernaryLM
 
 NUMERICS = ("native", "llama")
@@ -110,7 +111,8 @@ class Engine:
 
     Attributes: tokenizer, eot_id, context_length, num_parameters, name, cfg (ModelConfig), meta (training
     facts), device, backend ("cpp", "int8" or "fp32": see `nanoternary.infer.kernels`; auto = cpp on the
-    CPU when its C++ kernel builds, else int8; fp32 on other devices).
+    CPU when its C++ kernel builds, else int8; fp32 on other devices). The cpp backend keeps its KV cache
+    in fp16, the others in float32.
 
     numerics="llama" reproduces llama.cpp's CPU arithmetic instead of the training forward's (activation
     scales per 256-value block, fp16 KV cache and attention probabilities, fp16 input to the LM head), to
@@ -161,7 +163,9 @@ class Engine:
             Projections(i, b, tensors, self.backend, act_block) for i, b in enumerate(model.blocks)
         )
         self.proj.to(self.device)
-        self.kv_dtype = torch.float16 if numerics == "llama" else torch.float32
+        # fp16 where the cpp decode kernel reads the cache (reading it is that kernel's cost; see
+        # csrc/ternary.cpp) and in llama numerics; the fp32 backend keeps the training forward's float32
+        self.kv_dtype = torch.float16 if numerics == "llama" or self.backend == "cpp" else torch.float32
         half = cfg.head_dim // 2  # rotate-half as x·cos + roll(x)·sin' with sin' = [-sin, sin]
         self.rope_cos = model.rope_cos
         self.rope_sin = torch.cat([-model.rope_sin[:, :half], model.rope_sin[:, half:]], dim=-1)
@@ -172,6 +176,41 @@ class Engine:
         exact_f16 = self.backend == "cpp" and torch.equal(w.half().float(), w)
         self.head_f16 = w.half().t().contiguous() if exact_f16 else None
         self.head = w.t().contiguous() if self.backend != "fp32" and self.head_f16 is None else None
+        self.decoder = self._native_decoder()
+
+    def _native_decoder(self) -> Any:
+        """The cpp backend's whole decode step in one C++ call (csrc/ternary.cpp, DecodeModel), for models
+        with one residual stream whose four linears all run on the cpp kernel; None for any other model,
+        which decodes through `_forward`."""
+        linears = [getattr(p, name) for p in self.proj for name in PROJECTIONS]
+        if (
+            self.backend != "cpp"
+            or self.cfg.mhc.n_streams != 1
+            or not all(isinstance(t, TernaryLinear) and t.backend == "cpp" for t in linears)
+        ):
+            return None
+        empty = torch.empty(0)
+
+        def parts(t: TernaryLinear) -> list[torch.Tensor]:
+            norm = t.norm_weight if t.norm_weight is not None else empty
+            return [t.weight, t.code_sums, t.out_scale, norm]
+
+        model = self.model
+        return native_ops().DecodeModel(
+            model.embed.weight,
+            [[x for name in PROJECTIONS for x in parts(getattr(p, name))] for p in self.proj],
+            [[getattr(p, name).eps for name in PROJECTIONS] for p in self.proj],
+            model.norm.weight,
+            model.norm.eps,
+            self.head_f16 if self.head_f16 is not None else empty,
+            self.head if self.head is not None else empty,
+            model.rope_cos,
+            model.rope_sin,
+            self.cfg.n_heads,
+            self.cfg.n_kv_heads,
+            self.cfg.ffn_dim,
+            ACT_EPS,
+        )
 
     @classmethod
     def from_path(
@@ -262,6 +301,10 @@ class Engine:
     ) -> torch.Tensor:
         """Modules are called through .forward (no hooks are used): the decode step of a small model is
         dominated by per-call overhead, not arithmetic."""
+        if self.decoder is not None and len(spans) == len(ids):  # every sequence decodes one position
+            return self.decoder.step(
+                ids, [s.keys for s in seqs], [s.values for s in seqs], [s.cached for s in seqs]
+            )
         model = self.model
         cos = sin = None  # the cpp decode kernel applies RoPE itself
         if not (self.backend == "cpp" and len(spans) == len(ids)):
@@ -325,8 +368,8 @@ class Engine:
                 mask = torch.ones(n, end, dtype=torch.bool, device=self.device).tril(diagonal=p0)
             y = self.attention(
                 q[start : start + n].transpose(0, 1).unsqueeze(0),
-                seq.keys[layer, :, :end].unsqueeze(0),
-                seq.values[layer, :, :end].unsqueeze(0),
+                seq.keys[layer, :, :end].unsqueeze(0).to(q.dtype),
+                seq.values[layer, :, :end].unsqueeze(0).to(q.dtype),
                 attn_mask=mask,
                 is_causal=n > 1 and p0 == 0,
                 enable_gqa=hq != hkv,

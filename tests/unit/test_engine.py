@@ -68,6 +68,36 @@ def test_fp16_head_kernel_equals_the_float_product(tokens):
         native_ops().head_f16(h, embedding)
 
 
+# cache lengths: a single position, vector-width tails (17 = 16 + 1, 40) and whole vectors; GQA 4 -> 2 heads
+@pytest.mark.parametrize("positions", [[0, 16, 39], [63]])
+def test_decode_attention_kernel_equals_rope_then_softmax_attention_over_the_fp16_cache(positions):
+    torch.manual_seed(0)
+    hq, hkv, d, capacity = 4, 2, 64, 64
+    angles = torch.arange(capacity)[:, None] * torch.linspace(0.01, 1.0, d // 2)[None]
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    keys = [torch.randn(hkv, capacity, d).half() for _ in positions]
+    values = [torch.randn(hkv, capacity, d).half() for _ in positions]
+    cached_keys, cached_values = [k.clone() for k in keys], [v.clone() for v in values]
+    qkv = torch.randn(len(positions), hq + 2 * hkv, d)
+    out = native_ops().decode_attention(qkv, cos, sin, keys, values, positions, hq, hkv, d**-0.5)
+    assert out.shape == (len(positions), hq, d)
+    for b, p in enumerate(positions):
+        x = qkv[b]
+        rotated = x * cos[p] + torch.cat([-x[:, d // 2 :], x[:, : d // 2]], -1) * sin[p]
+        q, k, v = rotated[:hq], rotated[hq : hq + hkv], x[hq + hkv :]
+        want_keys, want_values = cached_keys[b].clone(), cached_values[b].clone()
+        want_keys[:, p], want_values[:, p] = k.half(), v.half()  # written at its position, rounded to fp16
+        assert torch.equal(keys[b], want_keys) and torch.equal(values[b], want_values)
+        kk = want_keys[:, : p + 1].float().repeat_interleave(hq // hkv, 0)
+        vv = want_values[:, : p + 1].float().repeat_interleave(hq // hkv, 0)
+        want = torch.softmax(q[:, None] @ kk.transpose(1, 2) * d**-0.5, -1) @ vv
+        torch.testing.assert_close(out[b], want[:, 0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="caches must be contiguous float16"):
+        native_ops().decode_attention(
+            qkv, cos, sin, [k.float() for k in keys], values, positions, hq, hkv, 1.0
+        )
+
+
 def test_packed_codes_round_trip():
     codes = torch.randint(-1, 2, (7, 13), dtype=torch.int8)
     packed = pack_codes(codes)
@@ -85,6 +115,7 @@ def test_incremental_decode_matches_the_training_model(cfg, backend, tokenizer):
     model = random_model(cfg)
     engine = Engine(ModelTensors.from_model(model, tokenizer), backend=backend)
     assert engine.backend == backend
+    assert (engine.decoder is not None) == (backend == "cpp" and cfg.mhc.n_streams == 1)
     ids = tokenizer.encode(CODE)
     with torch.no_grad():
         want = model(torch.tensor([ids]))[0]
@@ -96,6 +127,36 @@ def test_incremental_decode_matches_the_training_model(cfg, backend, tokenizer):
     decoded = torch.stack(rows)
     assert_same_logits(decoded, engine.score(ids)[2:])  # the KV-cached path = one prefill, same arithmetic
     assert_close_logits(decoded, want[2:])  # exact integer sums vs the training forward's float sums
+
+
+@pytest.mark.parametrize("f16_embedding", [False, True], ids=["float_head", "fp16_head"])
+def test_native_decode_step_equals_the_python_decode_step(f16_embedding, tokenizer):
+    """DecodeModel (the whole step in one C++ call) against Engine._forward's cpp path: the same kernels in
+    the same order, so the same logits and the same fp16 cache contents, with GQA, sub-norms, sequences of
+    different lengths and either LM head."""
+    model = random_model(
+        ModelConfig(n_layers=2, n_kv_heads=2, context_length=64, sub_norms=True, group_size=0)
+    )
+    if f16_embedding:
+        with torch.no_grad():
+            model.embed.weight.copy_(model.embed.weight.half().float())
+    tensors = ModelTensors.from_model(model, tokenizer)
+    native, python = Engine(tensors), Engine(tensors)
+    python.decoder = None
+    assert native.decoder is not None and (native.head_f16 is not None) == f16_embedding
+    runs = []
+    for engine in (native, python):
+        seqs = [engine.start(tokenizer.encode(p)) for p in ("def add(a, b):", "import os\n", "x = [")]
+        rows = [engine.step(seqs)]  # the prefill: Python on both
+        for i in range(6):
+            for seq in seqs:
+                engine.append(seq, 100 + 7 * i)
+            rows.append(engine.step(seqs))
+        runs.append((torch.stack(rows), seqs))
+    (got, native_seqs), (want, python_seqs) = runs
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+    for a, b in zip(native_seqs, python_seqs, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
 
 
 def test_one_step_prefills_and_decodes_sequences_of_different_lengths(small_engine, tokenizer):

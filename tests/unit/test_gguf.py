@@ -72,7 +72,9 @@ def test_bitnet_gguf_logits_equal_the_training_model_with_fp16_embeddings(bitnet
     assert engine.tokenizer.encode(CODE) == ids
     fast = Engine.from_path(path)  # integer sums, and the F16 embedding read by the fp16 head kernel
     assert fast.backend == "cpp" and fast.head_f16 is not None
-    assert_close_logits(fast.score(ids), want)
+    # its fp16 KV cache rounds every cached key and value, which flips more 8-bit activation roundings of
+    # the output projection than float32 would (0.064 at most here, against < 0.05)
+    assert_close_logits(fast.score(ids), want, max_diff=0.1)
 
 
 def test_bitnet_layout_names_types_shapes_and_keys(bitnet, tmp_path):

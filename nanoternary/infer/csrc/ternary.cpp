@@ -88,16 +88,82 @@ inline void dot4_u8s8(const uint8_t* a, const int8_t* b, int64_t K, int32_t* out
     for (int j = 0; j < 4; ++j) out[i * out_stride + j] = dot_u8s8(a + i * K, b + j * K, K);
 }
 
-inline float dot_f32(const float* a, const float* b, int64_t n) {
+inline float half_to_float(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
+
+#ifdef __AVX512F__
+inline __m512 load_half16(const uint16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+#endif
+
+// a · b for float a and fp16 b (a KV-cache row).
+inline float dot_f32_f16(const float* a, const uint16_t* b, int64_t n) {
   int64_t i = 0;
   float sum = 0.f;
 #ifdef __AVX512F__
   __m512 acc = _mm512_setzero_ps();
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load_half16(b + i), acc);
   sum = _mm512_reduce_add_ps(acc);
 #endif
-  for (; i < n; ++i) sum += a[i] * b[i];
+  for (; i < n; ++i) sum += a[i] * half_to_float(b[i]);
   return sum;
+}
+
+// Softmax numerators in place: scores[t] = exp(scores[t] - mx), returning their sum.
+float exp_shifted(float* scores, int64_t L, float mx) {
+  int64_t t = 0;
+  float total = 0.f;
+#ifdef __AVX512F__
+  // e^x = 2^n * e^r, x = n ln2 + r, |r| <= ln2 / 2, e^r by Cephes' expf polynomial (ln2 split in two parts
+  // so r is exact); x is <= 0 here and below -87 the result flushes to 0, as expf's does.
+  const __m512 shift = _mm512_set1_ps(mx);
+  __m512 sum = _mm512_setzero_ps();
+  for (; t + 16 <= L; t += 16) {
+    const __m512 x = _mm512_max_ps(_mm512_sub_ps(_mm512_loadu_ps(scores + t), shift), _mm512_set1_ps(-87.f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    const __m512 e = _mm512_scalef_ps(p, n);
+    _mm512_storeu_ps(scores + t, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  total = _mm512_reduce_add_ps(sum);
+#endif
+  for (; t < L; ++t) total += (scores[t] = std::exp(scores[t] - mx));
+  return total;
+}
+
+// out[d] = weight * sum_t p[t] * v[t * D + d] over fp16 rows v: 8 vectors of 16 output lanes stay in
+// registers along t.
+void weighted_rows(const float* p, const uint16_t* v, int64_t L, int64_t D, float weight, float* out) {
+  int64_t d0 = 0;
+#ifdef __AVX512F__
+  while (d0 + 16 <= D) {
+    const int nv = (int)std::min<int64_t>(8, (D - d0) / 16);
+    __m512 acc[8];
+    for (int j = 0; j < nv; ++j) acc[j] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < L; ++t) {
+      const __m512 pt = _mm512_set1_ps(p[t]);
+      const uint16_t* row = v + t * D + d0;
+      for (int j = 0; j < nv; ++j) acc[j] = _mm512_fmadd_ps(pt, load_half16(row + 16 * j), acc[j]);
+    }
+    for (int j = 0; j < nv; ++j) _mm512_storeu_ps(out + d0 + 16 * j, _mm512_mul_ps(acc[j], _mm512_set1_ps(weight)));
+    d0 += 16 * nv;
+  }
+#endif
+  for (int64_t d = d0; d < D; ++d) {
+    float sum = 0.f;
+    for (int64_t t = 0; t < L; ++t) sum += p[t] * half_to_float(v[t * D + d]);
+    out[d] = weight * sum;
+  }
 }
 
 }  // namespace
@@ -147,62 +213,95 @@ torch::Tensor ternary_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor
   return y;
 }
 
+namespace {
+// One sequence's fp16 KV cache rows of one layer: (Hkv, cap, D) keys and values, the new position `pos`.
+struct CacheRows {
+  uint16_t* keys;
+  uint16_t* values;
+  int64_t cap;
+  int64_t pos;
+};
+
+inline uint16_t* half_data(const torch::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::Half>()); }
+
 // One decode position for each of B sequences. qkv (B, Hq + 2 Hkv, D) holds each sequence's new q|k|v
-// heads; RoPE (rotate-half, tables cos/sin (context, D)) is applied to q and k at positions[b], k and v
-// are written into that sequence's cache at positions[b], and q attends over cache positions
-// 0..positions[b]. keys[b] / values[b] are the sequence's (Hkv, capacity, D) float32 caches of this layer.
-// Replaces ~15 PyTorch ops per layer (RoPE, copies, views, one SDPA per sequence) with one call.
-torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin,
-                               std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values,
-                               std::vector<int64_t> positions, int64_t Hq, int64_t Hkv, double scale) {
-  TORCH_CHECK(qkv.dim() == 3 && qkv.is_contiguous() && qkv.scalar_type() == torch::kFloat32,
-              "qkv: contiguous (B, heads, D) float32");
-  const int64_t B = qkv.size(0), H = qkv.size(1), D = qkv.size(2), half = D / 2, group = Hq / Hkv;
-  TORCH_CHECK(H == Hq + 2 * Hkv && (int64_t)keys.size() == B && (int64_t)positions.size() == B, "shape mismatch");
-  auto q = torch::empty({B, Hq, D}, qkv.options());
-  auto out = torch::empty({B, Hq, D}, qkv.options());
-  const float* cp = cos.data_ptr<float>();
-  const float* sp = sin.data_ptr<float>();
+// heads; RoPE (rotate-half, tables cos/sin (context, D)) is applied to q and k at caches[b].pos, k and v
+// are written into the cache at that position, and q attends over cache positions 0..pos. q is scratch
+// (B, Hq, D); out receives (B, Hq, D). Reading the caches is this kernel's cost once they outgrow the CPU
+// caches, and fp16 halves it (as in llama.cpp, whose KV cache is fp16 too); scores, softmax and sums are
+// float32.
+void attend_new_positions(const float* qkv, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, const float* cos,
+                          const float* sin, const std::vector<CacheRows>& caches, float scale, float* q, float* out) {
+  const int64_t H = Hq + 2 * Hkv, half = D / 2, group = Hq / Hkv;
+  std::vector<float> rotated(D);
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(keys[b].is_contiguous() && values[b].is_contiguous(), "caches must be contiguous");
-    const int64_t cap = keys[b].size(1), pos = positions[b];
-    TORCH_CHECK(pos < cap && pos < cos.size(0), "position beyond the cache or the RoPE table");
-    const float* c = cp + pos * D;
-    const float* sn = sp + pos * D;
-    for (int64_t h = 0; h < Hq + Hkv; ++h) {  // RoPE into q, or straight into the key cache
-      const float* x = qkv.data_ptr<float>() + (b * H + h) * D;
-      float* dst = h < Hq ? q.data_ptr<float>() + (b * Hq + h) * D
-                          : keys[b].data_ptr<float>() + ((h - Hq) * cap + pos) * D;
+    const CacheRows& cache = caches[b];
+    const float* c = cos + cache.pos * D;
+    const float* sn = sin + cache.pos * D;
+    for (int64_t h = 0; h < Hq + Hkv; ++h) {  // RoPE into q, or into the key cache
+      const float* x = qkv + (b * H + h) * D;
+      float* dst = h < Hq ? q + (b * Hq + h) * D : rotated.data();
       for (int64_t j = 0; j < D; ++j) dst[j] = x[j] * c[j] + (j < half ? -x[j + half] : x[j - half]) * sn[j];
+      if (h >= Hq) {
+        uint16_t* row = cache.keys + ((h - Hq) * cache.cap + cache.pos) * D;
+        for (int64_t j = 0; j < D; ++j) row[j] = c10::detail::fp16_ieee_from_fp32_value(rotated[j]);
+      }
     }
     for (int64_t h = 0; h < Hkv; ++h) {
-      std::copy_n(qkv.data_ptr<float>() + (b * H + Hq + Hkv + h) * D, D,
-                  values[b].data_ptr<float>() + (h * cap + pos) * D);
+      const float* x = qkv + (b * H + Hq + Hkv + h) * D;
+      uint16_t* row = cache.values + (h * cache.cap + cache.pos) * D;
+      for (int64_t j = 0; j < D; ++j) row[j] = c10::detail::fp16_ieee_from_fp32_value(x[j]);
     }
   }
   at::parallel_for(0, B * Hq, 4, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores;
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / Hq, h = i % Hq, kvh = h / group, cap = keys[b].size(1), L = positions[b] + 1;
-      const float* qp = q.data_ptr<float>() + i * D;
-      const float* kp = keys[b].data_ptr<float>() + kvh * cap * D;
-      const float* vp = values[b].data_ptr<float>() + kvh * cap * D;
+      const int64_t b = i / Hq, kvh = (i % Hq) / group, L = caches[b].pos + 1;
+      const float* qp = q + i * D;
+      const uint16_t* kp = caches[b].keys + kvh * caches[b].cap * D;
+      const uint16_t* vp = caches[b].values + kvh * caches[b].cap * D;
       scores.resize(L);
       float mx = -INFINITY;
       for (int64_t t = 0; t < L; ++t) {
-        scores[t] = dot_f32(qp, kp + t * D, D) * (float)scale;
+        scores[t] = dot_f32_f16(qp, kp + t * D, D) * scale;
         mx = std::max(mx, scores[t]);
       }
-      float total = 0.f;
-      for (int64_t t = 0; t < L; ++t) total += (scores[t] = std::exp(scores[t] - mx));
-      float* op = out.data_ptr<float>() + i * D;
-      std::fill_n(op, D, 0.f);
-      for (int64_t t = 0; t < L; ++t) {
-        const float p = scores[t] / total;
-        for (int64_t d = 0; d < D; ++d) op[d] += p * vp[t * D + d];
-      }
+      const float total = exp_shifted(scores.data(), L, mx);
+      weighted_rows(scores.data(), vp, L, D, 1.f / total, out + i * D);
     }
   });
+}
+
+void check_cache(const torch::Tensor& t, int64_t dims) {
+  TORCH_CHECK(t.dim() == dims && t.is_contiguous() && t.scalar_type() == torch::kHalf,
+              "caches must be contiguous float16");
+}
+}  // namespace
+
+// The attention of one layer for one new position per sequence (see attend_new_positions); keys[b] /
+// values[b] are the sequence's (Hkv, capacity, D) caches of this layer. Replaces ~15 PyTorch ops per
+// layer (RoPE, copies, views, one SDPA per sequence) with one call.
+torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin,
+                               std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values,
+                               std::vector<int64_t> positions, int64_t Hq, int64_t Hkv, double scale) {
+  TORCH_CHECK(qkv.dim() == 3 && qkv.is_contiguous() && qkv.scalar_type() == torch::kFloat32,
+              "qkv: contiguous (B, heads, D) float32");
+  const int64_t B = qkv.size(0), D = qkv.size(2);
+  TORCH_CHECK(qkv.size(1) == Hq + 2 * Hkv && (int64_t)keys.size() == B && (int64_t)values.size() == B &&
+                  (int64_t)positions.size() == B,
+              "shape mismatch");
+  std::vector<CacheRows> caches(B);
+  for (int64_t b = 0; b < B; ++b) {
+    check_cache(keys[b], 3);
+    check_cache(values[b], 3);
+    caches[b] = {half_data(keys[b]), half_data(values[b]), keys[b].size(1), positions[b]};
+    TORCH_CHECK(positions[b] < caches[b].cap && positions[b] < cos.size(0),
+                "position beyond the cache or the RoPE table");
+  }
+  auto q = torch::empty({B, Hq, D}, qkv.options());
+  auto out = torch::empty({B, Hq, D}, qkv.options());
+  attend_new_positions(qkv.data_ptr<float>(), B, Hq, Hkv, D, cos.data_ptr<float>(), sin.data_ptr<float>(), caches,
+                       (float)scale, q.data_ptr<float>(), out.data_ptr<float>());
   return out;
 }
 
@@ -216,7 +315,7 @@ constexpr int64_t HEAD_VB = 64;  // vocab entries per tile: 4 AVX-512 vectors
 // One logit, h · wt[:, v]: the scalar path (no AVX-512, or vocabulary entries past the last whole tile).
 inline float head_logit(const float* h, const uint16_t* wp, int64_t K, int64_t V, int64_t v) {
   float sum = 0.f;
-  for (int64_t k = 0; k < K; ++k) sum += h[k] * c10::detail::fp16_ieee_to_fp32_value(wp[k * V + v]);
+  for (int64_t k = 0; k < K; ++k) sum += h[k] * half_to_float(wp[k * V + v]);
   return sum;
 }
 
@@ -269,6 +368,84 @@ torch::Tensor head_f16(torch::Tensor h, torch::Tensor wt) {
   return out;
 }
 
+// A whole decode step of a plain-residual (one stream) SwiGLU model in one call: for a small model the
+// ~40 PyTorch and kernel calls per step that Python would make cost more than their arithmetic.
+// Per layer: x += o(attention(qkv(x))); x += down(silu(gate) * up) with gate|up = gate_up(x); each of the
+// four ternary linears carries its RMSNorm (or none), as in Engine._forward. Then the final RMSNorm and
+// the tied LM head (fp16 transposed, or float32 transposed; the other one empty).
+class DecodeModel {
+ public:
+  // layers[l]: codes, code_sums, scale, norm weight (empty: none) of qkv, o, gate_up, down; eps[l]: the
+  // four norms' eps.
+  DecodeModel(torch::Tensor embed, std::vector<std::vector<torch::Tensor>> layers, std::vector<std::vector<double>> eps,
+              torch::Tensor final_norm, double final_eps, torch::Tensor head_f16, torch::Tensor head,
+              torch::Tensor cos, torch::Tensor sin, int64_t Hq, int64_t Hkv, int64_t ffn_dim, double act_eps)
+      : embed_(embed), layers_(layers), eps_(eps), final_norm_(final_norm), final_eps_(final_eps),
+        head_f16_(head_f16), head_(head), cos_(cos), sin_(sin), Hq_(Hq), Hkv_(Hkv), ffn_dim_(ffn_dim),
+        act_eps_(act_eps) {
+    TORCH_CHECK(layers.size() == eps.size(), "one eps list per layer");
+    for (size_t l = 0; l < layers.size(); ++l)
+      TORCH_CHECK(layers[l].size() == 16 && eps[l].size() == 4, "a layer is 4 linears x (codes, sums, scale, norm)");
+    TORCH_CHECK((head_f16.numel() > 0) != (head.numel() > 0), "exactly one of head_f16 and head (the other empty)");
+  }
+
+  // ids (B,) int64, one new token per sequence; keys[b] / values[b] (layers, Hkv, capacity, D) fp16 caches;
+  // positions[b] the new token's position. Returns (B, vocab) float32 logits.
+  torch::Tensor step(torch::Tensor ids, std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values,
+                     std::vector<int64_t> positions) {
+    const int64_t B = ids.size(0), n_layers = (int64_t)layers_.size(), D = cos_.size(1);
+    TORCH_CHECK((int64_t)keys.size() == B && (int64_t)values.size() == B && (int64_t)positions.size() == B,
+                "one cache and position per token");
+    std::vector<CacheRows> caches(B);
+    std::vector<int64_t> layer_stride(B);
+    for (int64_t b = 0; b < B; ++b) {
+      check_cache(keys[b], 4);
+      check_cache(values[b], 4);
+      TORCH_CHECK(keys[b].size(0) == n_layers && keys[b].size(1) == Hkv_ && keys[b].size(3) == D &&
+                      values[b].sizes() == keys[b].sizes(),
+                  "cache shape");
+      const int64_t cap = keys[b].size(2);
+      TORCH_CHECK(positions[b] < cap && positions[b] < cos_.size(0), "position beyond the cache or the RoPE table");
+      caches[b] = {half_data(keys[b]), half_data(values[b]), cap, positions[b]};
+      layer_stride[b] = Hkv_ * cap * D;
+    }
+    auto x = embed_.index_select(0, ids);
+    auto q = torch::empty({B, Hq_, D}, x.options());
+    auto attended = torch::empty({B, Hq_ * D}, x.options());
+    const float scale = 1.f / std::sqrt((float)D);
+    for (int64_t l = 0; l < n_layers; ++l) {
+      auto qkv = linear(l, 0, x);
+      attend_new_positions(qkv.data_ptr<float>(), B, Hq_, Hkv_, D, cos_.data_ptr<float>(), sin_.data_ptr<float>(),
+                           caches, scale, q.data_ptr<float>(), attended.data_ptr<float>());
+      x.add_(linear(l, 1, attended));
+      auto gate_up = linear(l, 2, x);
+      auto hidden = at::silu(gate_up.narrow(1, 0, ffn_dim_)).mul_(gate_up.narrow(1, ffn_dim_, ffn_dim_));
+      x.add_(linear(l, 3, hidden));
+      for (int64_t b = 0; b < B; ++b) {  // the next layer's rows of each cache
+        caches[b].keys += layer_stride[b];
+        caches[b].values += layer_stride[b];
+      }
+    }
+    auto h = at::rms_norm(x, {x.size(1)}, final_norm_, final_eps_);
+    return head_f16_.numel() > 0 ? head_f16(h, head_f16_) : h.matmul(head_);
+  }
+
+ private:
+  torch::Tensor linear(int64_t l, int64_t i, const torch::Tensor& x) const {
+    const auto& t = layers_[l];
+    return ternary_linear(x, t[4 * i], t[4 * i + 1], t[4 * i + 2], t[4 * i + 3], eps_[l][i], act_eps_);
+  }
+
+  torch::Tensor embed_;
+  std::vector<std::vector<torch::Tensor>> layers_;
+  std::vector<std::vector<double>> eps_;
+  torch::Tensor final_norm_;
+  double final_eps_;
+  torch::Tensor head_f16_, head_, cos_, sin_;
+  int64_t Hq_, Hkv_, ffn_dim_;
+  double act_eps_;
+};
+
 bool has_vnni() {
 #ifdef NT_VNNI
   return true;
@@ -282,4 +459,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "KV-cache write + attention for one new position per sequence");
   m.def("head_f16", &head_f16, "h @ wt with transposed fp16 weights");
   m.def("has_vnni", &has_vnni, "compiled with AVX512-VNNI dot products");
+  pybind11::class_<DecodeModel>(m, "DecodeModel")
+      .def(pybind11::init<torch::Tensor, std::vector<std::vector<torch::Tensor>>, std::vector<std::vector<double>>,
+                          torch::Tensor, double, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t,
+                          int64_t, int64_t, double>())
+      .def("step", &DecodeModel::step, "one decode position per sequence through the whole model");
 }
