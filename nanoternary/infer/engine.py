@@ -27,7 +27,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoternary.data.tokenizer import TextTokenizer
-from nanoternary.infer.kernels import BACKENDS, DenseLinear, TernaryLinear, fp16_attention, native_ops
+from nanoternary.infer.kernels import (
+    BACKENDS,
+    DenseLinear,
+    TernaryLinear,
+    fp16_attention,
+    head_tiles,
+    native_ops,
+)
 from nanoternary.infer.sampling import SamplingParams, find_stop, make_generator, partial_stop_len, sample
 from nanoternary.io.gguf import read_gguf
 from nanoternary.io.tensors import ModelTensors, display_name
@@ -170,11 +177,11 @@ class Engine:
         self.rope_cos = model.rope_cos
         self.rope_sin = torch.cat([-model.rope_sin[:, :half], model.rope_sin[:, half:]], dim=-1)
         # LM head: the fp32 backend keeps the training forward's F.linear (bit-identical logits); cpp reads
-        # the tied embedding as fp16 (dim, vocab) when that is exact (F16 GGUF embeddings), int8 as
-        # (dim, vocab), whose matrix-vector product is several times faster on CPU than F.linear's
+        # the tied embedding as fp16 tiles when that is exact (F16 GGUF embeddings), else as cpp and int8 do,
+        # float32 (dim, vocab), whose matrix-vector product is several times faster on CPU than F.linear's
         w = model.embed.weight
         exact_f16 = self.backend == "cpp" and torch.equal(w.half().float(), w)
-        self.head_f16 = w.half().t().contiguous() if exact_f16 else None
+        self.head_f16 = head_tiles(w) if exact_f16 else None
         self.head = w.t().contiguous() if self.backend != "fp32" and self.head_f16 is None else None
         self.decoder = self._native_decoder()
 
@@ -321,7 +328,7 @@ class Engine:
         if self.numerics == "llama":
             h = h.half().float()
         if self.head_f16 is not None:
-            return native_ops().head_f16(h.contiguous(), self.head_f16)
+            return native_ops().head_f16(h.contiguous(), self.head_f16, self.cfg.vocab_size)
         return h @ self.head if self.head is not None else F.linear(h, model.embed.weight)
 
     def _ffn(self, proj: Projections, h: torch.Tensor) -> torch.Tensor:

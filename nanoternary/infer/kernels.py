@@ -90,6 +90,15 @@ def unpack_codes(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     return codes.to(torch.int8) - 1
 
 
+def head_tiles(embedding: torch.Tensor, tile: int = 64) -> torch.Tensor:
+    """A tied embedding (vocab, dim) as the cpp fp16 LM head reads it: (tiles, dim, tile) fp16, each tile
+    of `tile` vocab entries one contiguous block (zero-padded to whole tiles; see csrc/ternary.cpp)."""
+    vocab, dim = embedding.shape
+    padded = embedding.new_zeros(-(-vocab // tile) * tile, dim, dtype=torch.float16)
+    padded[:vocab] = embedding
+    return padded.view(-1, tile, dim).transpose(1, 2).contiguous()
+
+
 def quantize_tokens(x: torch.Tensor, block: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token absmax 8-bit: (q as float integers in [-127, 127], 127/γ), the same arithmetic as training.
     `block` > 0 takes γ per block of that many values instead (q shaped (..., blocks, block)): llama.cpp's

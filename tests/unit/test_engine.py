@@ -10,7 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from nanoternary.infer.engine import Engine, Generation
-from nanoternary.infer.kernels import TernaryLinear, build_directory, native_ops, pack_codes, unpack_codes
+from nanoternary.infer.kernels import (
+    TernaryLinear,
+    build_directory,
+    head_tiles,
+    native_ops,
+    pack_codes,
+    unpack_codes,
+)
 from nanoternary.infer.sampling import SamplingParams
 from nanoternary.io.tensors import ModelTensors, TernaryTensor
 from nanoternary.model.config import MHCConfig, ModelConfig
@@ -61,11 +68,13 @@ def test_fp16_head_kernel_equals_the_float_product(tokens):
     vocab, dim = 64 * 5 + 37, 256  # 5 whole 64-entry vocab tiles and a tail
     embedding = torch.randn(vocab, dim).half()
     h = torch.randn(tokens, dim)
-    logits = native_ops().head_f16(h, embedding.t().contiguous())
-    assert logits.shape == (tokens, vocab)
+    tiles = head_tiles(embedding)
+    assert tiles.shape == (6, dim, 64) and torch.equal(tiles[5, :, 37:], torch.zeros(dim, 27).half())
+    logits = native_ops().head_f16(h, tiles, vocab)
+    assert logits.shape == (tokens, vocab) and logits.is_contiguous()
     torch.testing.assert_close(logits, h @ embedding.float().t(), rtol=1e-5, atol=1e-4)
-    with pytest.raises(RuntimeError, match=r"wt: contiguous \(K, V\) fp16"):
-        native_ops().head_f16(h, embedding)
+    with pytest.raises(RuntimeError, match=r"wt: contiguous \(ceil\(V / 64\), K, 64\) fp16 tiles"):
+        native_ops().head_f16(h, tiles, vocab + 64)
 
 
 # cache lengths: a single position, vector-width tails (17 = 16 + 1, 40) and whole vectors; GQA 4 -> 2 heads

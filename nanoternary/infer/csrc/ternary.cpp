@@ -305,74 +305,72 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tens
   return out;
 }
 
-// Logits = h @ wt for a tied embedding stored transposed as fp16 wt (K, V) (exact when the GGUF holds F16
-// embeddings): half the memory traffic of float32, which dominates the LM head of a small model. Tiles of
-// MB tokens x 64 vocab entries accumulate in 4 * MB registers along k, so no dot product ever needs a
-// horizontal sum and each converted weight vector serves MB tokens.
+// Logits = h @ E^T for a tied embedding E (V, K) held as fp16 (exact when the GGUF holds F16 embeddings):
+// half the memory traffic of float32, which dominates the LM head of a small model. The weights come
+// tile-major, wt (tiles, K, 64) with E zero-padded to whole tiles (kernels.head_tiles), so each tile is
+// one contiguous 32 KB block that stays in L1/L2 while every group of tokens reads it; read with a
+// row stride of V instead, a tile's rows map to the same L1 sets and every group fetched it again.
+// Groups of MB tokens x 64 vocab entries accumulate in 4 * MB registers along k, so no dot product needs
+// a horizontal sum and each converted weight vector serves MB tokens.
 namespace {
 constexpr int64_t HEAD_VB = 64;  // vocab entries per tile: 4 AVX-512 vectors
 
-// One logit, h · wt[:, v]: the scalar path (no AVX-512, or vocabulary entries past the last whole tile).
-inline float head_logit(const float* h, const uint16_t* wp, int64_t K, int64_t V, int64_t v) {
-  float sum = 0.f;
-  for (int64_t k = 0; k < K; ++k) sum += h[k] * half_to_float(wp[k * V + v]);
-  return sum;
-}
-
 template <int MB>
-void head_tile(const float* hp, const uint16_t* wp, float* op, int64_t K, int64_t V, int64_t v0) {
+void head_tile(const float* hp, const uint16_t* tile, float* op, int64_t K, int64_t out_stride) {
 #ifdef __AVX512F__
   __m512 acc[MB][4];
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
-    const uint16_t* src = wp + k * V + v0;
+    const uint16_t* src = tile + k * HEAD_VB;
     __m512 w[4];
-    for (int j = 0; j < 4; ++j)
-      w[j] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 16 * j)));
+    for (int j = 0; j < 4; ++j) w[j] = load_half16(src + 16 * j);
     for (int i = 0; i < MB; ++i) {
       const __m512 x = _mm512_set1_ps(hp[i * K + k]);
       for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_fmadd_ps(x, w[j], acc[i][j]);
     }
   }
   for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(op + i * V + v0 + 16 * j, acc[i][j]);
+    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(op + i * out_stride + 16 * j, acc[i][j]);
 #else
-  for (int i = 0; i < MB; ++i)
-    for (int64_t v = v0; v < v0 + HEAD_VB; ++v) op[i * V + v] = head_logit(hp + i * K, wp, K, V, v);
+  for (int i = 0; i < MB; ++i) {
+    for (int64_t v = 0; v < HEAD_VB; ++v) {
+      float sum = 0.f;
+      for (int64_t k = 0; k < K; ++k) sum += hp[i * K + k] * half_to_float(tile[k * HEAD_VB + v]);
+      op[i * out_stride + v] = sum;
+    }
+  }
 #endif
 }
 }  // namespace
 
-torch::Tensor head_f16(torch::Tensor h, torch::Tensor wt) {
+torch::Tensor head_f16(torch::Tensor h, torch::Tensor wt, int64_t V) {
   TORCH_CHECK(h.dim() == 2 && h.is_contiguous() && h.scalar_type() == torch::kFloat32, "h: contiguous (M, K) float32");
-  TORCH_CHECK(wt.is_contiguous() && wt.scalar_type() == torch::kHalf && wt.size(0) == h.size(1),
-              "wt: contiguous (K, V) fp16");
-  const int64_t M = h.size(0), K = h.size(1), V = wt.size(1);
-  auto out = torch::empty({M, V}, h.options());
+  const int64_t M = h.size(0), K = h.size(1);
+  TORCH_CHECK(wt.dim() == 3 && wt.is_contiguous() && wt.scalar_type() == torch::kHalf && wt.size(1) == K &&
+                  wt.size(2) == HEAD_VB && V > (wt.size(0) - 1) * HEAD_VB && V <= wt.size(0) * HEAD_VB,
+              "wt: contiguous (ceil(V / 64), K, 64) fp16 tiles");
+  const int64_t tiles = wt.size(0), padded = tiles * HEAD_VB;
+  auto out = torch::empty({M, padded}, h.options());
   const float* hp = h.data_ptr<float>();
-  const uint16_t* wp = reinterpret_cast<const uint16_t*>(wt.data_ptr<at::Half>());
+  const uint16_t* wp = half_data(wt);
   float* op = out.data_ptr<float>();
-  const int64_t tiles = V / HEAD_VB;
   at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t v0 = t * HEAD_VB;
+      const uint16_t* tile = wp + t * K * HEAD_VB;
       int64_t m = 0;
-      for (; m + 4 <= M; m += 4) head_tile<4>(hp + m * K, wp, op + m * V, K, V, v0);
-      for (; m < M; ++m) head_tile<1>(hp + m * K, wp, op + m * V, K, V, v0);
+      for (; m + 4 <= M; m += 4) head_tile<4>(hp + m * K, tile, op + m * padded + t * HEAD_VB, K, padded);
+      for (; m < M; ++m) head_tile<1>(hp + m * K, tile, op + m * padded + t * HEAD_VB, K, padded);
     }
   });
-  for (int64_t v = tiles * HEAD_VB; v < V; ++v) {  // a vocabulary that is not a multiple of 64: the rest
-    for (int64_t m = 0; m < M; ++m) op[m * V + v] = head_logit(hp + m * K, wp, K, V, v);
-  }
-  return out;
+  return V == padded ? out : out.narrow(1, 0, V).contiguous();
 }
 
 // A whole decode step of a plain-residual (one stream) SwiGLU model in one call: for a small model the
 // ~40 PyTorch and kernel calls per step that Python would make cost more than their arithmetic.
 // Per layer: x += o(attention(qkv(x))); x += down(silu(gate) * up) with gate|up = gate_up(x); each of the
 // four ternary linears carries its RMSNorm (or none), as in Engine._forward. Then the final RMSNorm and
-// the tied LM head (fp16 transposed, or float32 transposed; the other one empty).
+// the tied LM head (fp16 tiles as head_f16 reads them, or float32 transposed; the other one empty).
 class DecodeModel {
  public:
   // layers[l]: codes, code_sums, scale, norm weight (empty: none) of qkv, o, gate_up, down; eps[l]: the
@@ -382,7 +380,7 @@ class DecodeModel {
               torch::Tensor cos, torch::Tensor sin, int64_t Hq, int64_t Hkv, int64_t ffn_dim, double act_eps)
       : embed_(embed), layers_(layers), eps_(eps), final_norm_(final_norm), final_eps_(final_eps),
         head_f16_(head_f16), head_(head), cos_(cos), sin_(sin), Hq_(Hq), Hkv_(Hkv), ffn_dim_(ffn_dim),
-        act_eps_(act_eps) {
+        act_eps_(act_eps), vocab_(embed.size(0)) {
     TORCH_CHECK(layers.size() == eps.size(), "one eps list per layer");
     for (size_t l = 0; l < layers.size(); ++l)
       TORCH_CHECK(layers[l].size() == 16 && eps[l].size() == 4, "a layer is 4 linears x (codes, sums, scale, norm)");
@@ -427,7 +425,7 @@ class DecodeModel {
       }
     }
     auto h = at::rms_norm(x, {x.size(1)}, final_norm_, final_eps_);
-    return head_f16_.numel() > 0 ? head_f16(h, head_f16_) : h.matmul(head_);
+    return head_f16_.numel() > 0 ? head_f16(h, head_f16_, vocab_) : h.matmul(head_);
   }
 
  private:
@@ -444,6 +442,7 @@ class DecodeModel {
   torch::Tensor head_f16_, head_, cos_, sin_;
   int64_t Hq_, Hkv_, ffn_dim_;
   double act_eps_;
+  int64_t vocab_;
 };
 
 bool has_vnni() {
@@ -457,7 +456,7 @@ bool has_vnni() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ternary_linear", &ternary_linear, "[rmsnorm] + 8-bit activations + ternary matmul");
   m.def("decode_attention", &decode_attention, "KV-cache write + attention for one new position per sequence");
-  m.def("head_f16", &head_f16, "h @ wt with transposed fp16 weights");
+  m.def("head_f16", &head_f16, "h @ E^T with E as fp16 tiles (kernels.head_tiles)");
   m.def("has_vnni", &has_vnni, "compiled with AVX512-VNNI dot products");
   pybind11::class_<DecodeModel>(m, "DecodeModel")
       .def(pybind11::init<torch::Tensor, std::vector<std::vector<torch::Tensor>>, std::vector<std::vector<double>>,
