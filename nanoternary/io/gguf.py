@@ -36,7 +36,8 @@ ARCHS = ("nanoternary", "bitnet")
 FORMAT_VERSION = 1
 BLOCK = 256  # TQ1_0 / TQ2_0 block length: a row must be a whole number of blocks
 QTYPES = {"tq2_0": Q.TQ2_0, "tq1_0": Q.TQ1_0, "f16": Q.F16}
-EMBED_TYPES = {"f16": Q.F16, "f32": Q.F32}
+# q8_0 (8.5 bits per value, llama.cpp's 32-value blocks) is lossy: smaller files, not the trained values
+EMBED_TYPES = {"f16": Q.F16, "f32": Q.F32, "q8_0": Q.Q8_0}
 FILE_TYPES = {
     Q.TQ2_0: gguf.LlamaFileType.MOSTLY_TQ2_0,
     Q.TQ1_0: gguf.LlamaFileType.MOSTLY_TQ1_0,
@@ -213,6 +214,8 @@ def write_gguf(
     if embed_type not in EMBED_TYPES:
         raise ValueError(f"unknown embed_type {embed_type!r}; expected one of {sorted(EMBED_TYPES)}")
     cfg = tensors.cfg
+    if embed_type == "q8_0" and cfg.dim % 32:
+        raise ValueError(f"embed_type=q8_0 needs model.dim to be a multiple of 32, got {cfg.dim}")
     if arch == "bitnet":
         check_bitnet(cfg)
     rename = to_bitnet_name if arch == "bitnet" else (lambda n: n)
@@ -382,7 +385,8 @@ def verify_gguf(path: Path, expected: ModelTensors, embed_type: str) -> None:
         if not (torch.equal(g.codes, t.codes) and torch.equal(g.scales, t.scales.float())):
             raise ValueError(f"GGUF check failed for {path}: ternary codes or scales of {key} differ")
     for key, v in expected.dense.items():
-        want = v.half().float() if key == EMBED and embed_type == "f16" else v.float()
+        kind = EMBED_TYPES[embed_type] if key == EMBED else Q.F32
+        want = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(v.float().numpy(), kind), kind))
         if got.dense[key].shape != want.shape or not torch.equal(got.dense[key], want):
             raise ValueError(
                 f"GGUF check failed for {path}: {key} differs (shape {tuple(got.dense[key].shape)})"

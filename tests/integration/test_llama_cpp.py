@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gguf
 import lightning as L
 import numpy as np
 import pytest
@@ -17,7 +18,8 @@ from omegaconf import OmegaConf
 
 from nanoternary.data.datamodule import TokenDataModule
 from nanoternary.infer.engine import Engine
-from nanoternary.io.gguf import read_gguf
+from nanoternary.io.gguf import export_gguf, read_gguf
+from nanoternary.io.tensors import ModelTensors
 from nanoternary.lit.callbacks.export import ModelExport
 from nanoternary.lit.callbacks.gguf_export import GGUFExport
 from nanoternary.lit.module import LitTernaryLM
@@ -125,3 +127,23 @@ def test_greedy_generation_of_32_tokens_matches(llm, emulated):
         got = emulated.generate([text], max_tokens=32)[0]
         assert got.text == want["text"]
         assert got.finish_reason == want["finish_reason"]
+
+
+def test_q8_0_embedding_halves_it_and_llama_cpp_agrees(run_dir, gguf_path):
+    """embed_type=q8_0 with tq1_0 codes, the smallest file: llama.cpp reads the Q8_0 token embedding (and
+    tied head) as our engine does. llama.cpp also rounds the head's input to Q8_0 blocks, which the
+    emulation leaves in fp16, so the agreement is looser than for F16."""
+    folder = run_dir / "export" / "final"
+    path = export_gguf(folder / "q8.gguf", ModelTensors.from_folder(folder), "bitnet", "tq1_0", "q8_0")
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    embedding = tensors["token_embd.weight"]
+    assert embedding.tensor_type.name == "Q8_0" and tensors["blk.0.attn_q.weight"].tensor_type.name == "TQ1_0"
+    assert int(embedding.n_bytes) == 4096 * 256 // 32 * 34  # 32 int8 values + one fp16 scale per block
+    assert path.stat().st_size < gguf_path.stat().st_size - 1_000_000  # than F16 and TQ2_0
+    llm = llama_cpp.Llama(str(path), n_ctx=256, n_batch=256, n_threads=2, logits_all=True, verbose=False)
+    emulated = Engine.from_path(path, numerics="llama")
+    for text in PROMPTS:
+        ids = emulated.tokenizer.encode(text)
+        want, got = llama_logits(llm, ids), emulated.score(ids).numpy()
+        assert correlations(got, want).min() >= 0.999
+        assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import gguf
 import numpy as np
@@ -162,6 +163,31 @@ def test_nanoternary_arch_round_trips_every_tensor_of_an_mhc_model(tokenizer, tm
             back.ternary[k].scales, t.scales
         ), k
     assert back.ternary["blocks.0.attn.k_proj.weight"].scales.shape == (128, 2)  # GQA, group 128
+
+
+def test_q8_0_embedding_stores_the_q8_0_rounding_and_the_engine_runs_it(tokenizer, tmp_path):
+    tensors = ModelTensors.from_model(random_model(preset("tiny")), tokenizer)
+    path = export_gguf(tmp_path / "q8.gguf", tensors, qtype="tq1_0", embed_type="q8_0")
+    embedding = tensors.dense["embed.weight"]
+    blocks = embedding.view(-1, 32)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127  # per 32 values; stored as fp16
+    y = blocks * (1 / scale)  # ggml's reference: multiply by the inverse, round half away from zero
+    rounded = (y.sign() * (y.abs() + 0.5).floor() * scale.half().float()).view_as(embedding)
+    back = read_gguf(path)
+    torch.testing.assert_close(back.dense["embed.weight"], rounded, rtol=0, atol=1e-6)
+    assert not torch.equal(back.dense["embed.weight"], embedding.half().float())  # lossy, unlike f16
+    f16 = export_gguf(tmp_path / "f16.gguf", tensors, qtype="tq1_0")
+    assert f16.stat().st_size - path.stat().st_size == 4096 * 256 * 2 - 4096 * 256 // 32 * 34
+    engine, ids = Engine.from_path(path), tokenizer.encode(CODE)
+    want = Engine(replace(tensors, dense={**tensors.dense, "embed.weight": rounded}), backend="fp32").score(
+        ids
+    )
+    assert_close_logits(engine.score(ids), want, max_diff=0.1)  # fp16 KV: see the F16 bitnet test
+    odd = ModelTensors.from_model(
+        random_model(ModelConfig(dim=48, n_heads=2, ffn_dim=96, n_layers=1, group_size=0)), tokenizer
+    )
+    with pytest.raises(ValueError, match="embed_type=q8_0 needs model.dim to be a multiple of 32, got 48"):
+        export_gguf(tmp_path / "odd.gguf", odd, qtype="f16", embed_type="q8_0")
 
 
 def test_f16_qtype_and_unquantized_models(tokenizer, tmp_path):
