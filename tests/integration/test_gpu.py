@@ -61,12 +61,14 @@ def test_engine_on_cuda_decodes_like_the_cpu_engine(name, tokenizer):
     [
         ["trainer=gpu", "compile=true"],
         ["trainer=ddp", "trainer.accelerator=gpu", "trainer.devices=1"],
+        ["trainer=fsdp", "optim=adamw", "trainer.devices=1"],
     ],
-    ids=["gpu_bf16_compiled", "ddp_1gpu"],
+    ids=["gpu_bf16_compiled", "ddp_1gpu", "fsdp_1gpu"],
 )
 def test_train_runs_on_one_gpu_and_exports(trainer, tmp_path, cache_dir):
-    """trainer=gpu (compiled) and trainer=ddp on 1 GPU train their steps on the GPU in bf16-mixed (both
-    configs' default on a CUDA machine) and write the final export."""
+    """trainer=gpu (compiled), trainer=ddp and trainer=fsdp on 1 GPU train their steps on the GPU in
+    bf16-mixed (the configs' default on a CUDA machine) and write the final export, which for FSDP means
+    gathering the sharded weights on rank 0."""
     run = tmp_path / "run"
     overrides = [o for o in TINY if not o.startswith("trainer.precision")]
     proc = train_cli(cache_dir, *overrides, *trainer, "trainer.max_steps=4", f"hydra.run.dir={run}")
