@@ -38,7 +38,9 @@ from nanoternary.infer.kernels import (
 from nanoternary.infer.sampling import SamplingParams, find_stop, make_generator, partial_stop_len, sample
 from nanoternary.io.gguf import read_gguf
 from nanoternary.io.tensors import ModelTensors, display_name
+from nanoternary.model.mhc import MHCLiteResidual
 from nanoternary.model.quant import ACT_EPS
+from nanoternary.model.residual import PlainResidual
 from nanoternary.model.transformer import TernaryLM
 
 NUMERICS = ("native", "llama")
@@ -187,26 +189,40 @@ class Engine:
 
     def _native_decoder(self) -> Any:
         """The cpp backend's whole decode step in one C++ call (csrc/ternary.cpp, DecodeModel), for models
-        with one residual stream whose four linears all run on the cpp kernel; None for any other model,
-        which decodes through `_forward`."""
+        whose four linears all run on the cpp kernel and whose residuals are plain or mHC-lite; None for
+        any other model (the seed's residual), which decodes through `_forward`."""
+        model, n = self.model, self.cfg.mhc.n_streams
         linears = [getattr(p, name) for p in self.proj for name in PROJECTIONS]
+        residuals = [r for b in model.blocks for r in (b.attn_residual, b.ffn_residual)]
         if (
             self.backend != "cpp"
-            or self.cfg.mhc.n_streams != 1
             or not all(isinstance(t, TernaryLinear) and t.backend == "cpp" for t in linears)
+            or not all(isinstance(r, PlainResidual if n == 1 else MHCLiteResidual) for r in residuals)
+            or getattr(model.streams, "reduce_mean", False)
         ):
             return None
         empty = torch.empty(0)
 
-        def parts(t: TernaryLinear) -> list[torch.Tensor]:
+        def linear_parts(t: TernaryLinear) -> list[torch.Tensor]:
             norm = t.norm_weight if t.norm_weight is not None else empty
             return [t.weight, t.code_sums, t.out_scale, norm]
 
-        model = self.model
+        def residual_parts(r: MHCLiteResidual) -> list[torch.Tensor]:
+            dynamic = [r.proj, r.gates] if r.dynamic else [empty, empty]
+            mix = r.res_bias if r.n_perms else empty
+            return [r.pre_bias, r.post_bias, mix, *dynamic, r.perms.flatten(1)]
+
+        blocks = list(model.blocks)
         return native_ops().DecodeModel(
             model.embed.weight,
-            [[x for name in PROJECTIONS for x in parts(getattr(p, name))] for p in self.proj],
+            [[x for name in PROJECTIONS for x in linear_parts(getattr(p, name))] for p in self.proj],
             [[getattr(p, name).eps for name in PROJECTIONS] for p in self.proj],
+            [
+                [] if n == 1 else [*residual_parts(b.attn_residual), *residual_parts(b.ffn_residual)]
+                for b in blocks
+            ],
+            [[] if n == 1 else [b.attn_residual.eps, b.ffn_residual.eps] for b in blocks],
+            n,
             model.norm.weight,
             model.norm.eps,
             self.head_f16 if self.head_f16 is not None else empty,

@@ -137,18 +137,21 @@ class TernaryLinear(FusedNorm):
         self.act_block = act_block  # > 0: llama.cpp's block-wise activation scales (fp32 backend only)
         self.register_buffer("packed", pack_codes(weight.codes))
         self.register_buffer("scales", weight.scales.float().clone())
-        grouped = weight.scales.shape[1] > 1
-        self.backend = "fp32" if grouped or act_block else backend
-        if self.backend == "cpp" and native_ops() is None:
-            self.backend = "int8"
-        row_scales = weight.scales.float().expand(self.out_features, -1).reshape(-1)  # cpp/int8: 1 per row
+        groups = weight.scales.shape[1]
+        if backend == "cpp" and native_ops() is None:
+            backend = "int8"
+        # fp32 for llama.cpp's block-wise activations, and for group scales where int8 would need them
+        self.backend = "fp32" if act_block or (groups > 1 and backend == "int8") else backend
+        scales = weight.scales.float().expand(self.out_features, groups)  # cpp/int8: per row (and group)
         if self.backend == "cpp":
-            self.register_buffer("weight", weight.codes.contiguous(), persistent=False)  # (out, in) int8
-            self.register_buffer("code_sums", weight.codes.sum(dim=1, dtype=torch.int32), persistent=False)
-            self.register_buffer("out_scale", row_scales.contiguous(), persistent=False)
+            codes = weight.codes.contiguous()
+            self.register_buffer("weight", codes, persistent=False)  # (out, in) int8
+            sums = codes.view(self.out_features, groups, -1).sum(dim=-1, dtype=torch.int32)
+            self.register_buffer("code_sums", sums.contiguous(), persistent=False)  # (out, groups)
+            self.register_buffer("out_scale", scales.contiguous(), persistent=False)
         elif self.backend == "int8":
             self.register_buffer("weight", weight.codes.t().contiguous(), persistent=False)  # (in, out) int8
-            self.register_buffer("out_scale", row_scales.reshape(1, -1), persistent=False)
+            self.register_buffer("out_scale", scales.reshape(1, -1), persistent=False)
         else:
             self.register_buffer("weight", weight.dense(), persistent=False)  # (out, in) float32
 

@@ -39,27 +39,30 @@ def small_engine(tokenizer):
     return Engine(ModelTensors.from_model(random_model(SMALL), tokenizer))
 
 
-# cpp tiles 4 tokens x 4 outputs: whole tiles, the tokens left over, and 98 = 24 x 4 + 2 outputs
+# cpp tiles 4 tokens x 4 outputs: whole tiles, the tokens left over, and 98 = 24 x 4 + 2 outputs; scales
+# per tensor, or per row and group of 128, 64 (whole 64-byte VNNI vectors) or 32 inputs (the scalar loop)
+@pytest.mark.parametrize("groups", [0, 2, 4, 8], ids=["per_tensor", "g128", "g64", "g32"])
 @pytest.mark.parametrize("tokens", [1, 5, 16, 19])
-def test_backends_agree_on_the_integer_sums_with_and_without_a_fused_norm(tokens):
+def test_backends_agree_on_the_integer_sums_with_and_without_a_fused_norm(tokens, groups):
     torch.manual_seed(0)
     codes = torch.randint(-1, 2, (98, 256), dtype=torch.int8)
-    weight = TernaryTensor(codes, torch.tensor([[0.0123]]))
+    scales = torch.rand(98, groups) + 0.01 if groups else torch.tensor([[0.0123]])
+    weight = TernaryTensor(codes, scales)
     norm = RMSNorm(256, 1e-6)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
     x = torch.randn(tokens, 256)
+    # int8 has one scale per output column; group scales make it fall back to fp32
+    backends = {"cpp": "cpp", "int8": "fp32" if groups else "int8"}
     for fused in (None, norm):
         ref = TernaryLinear(weight, "fp32", norm=fused)
         want = ref(x)
-        for backend in ("int8", "cpp"):
+        for backend, runs_as in backends.items():
             fast = TernaryLinear(weight, backend, norm=fused)
-            assert fast.backend == backend
-            assert torch.allclose(fast(x), want, rtol=1e-5, atol=1e-5), (backend, fused)
+            assert fast.backend == runs_as
+            torch.testing.assert_close(fast(x), want, rtol=1e-5, atol=1e-5)
     expected = F.linear(quantize_activation(norm(x)), weight.dense())  # the training BitLinear's arithmetic
     assert torch.equal(TernaryLinear(weight, "fp32", norm=norm)(x), expected)
-    grouped = TernaryLinear(TernaryTensor(codes, torch.rand(98, 2) + 0.01), "cpp")
-    assert grouped.backend == "fp32"  # cpp and int8 need one scale per row or tensor
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 4, 16, 17])  # whole 4-token tiles and the rows left over
@@ -124,7 +127,7 @@ def test_incremental_decode_matches_the_training_model(cfg, backend, tokenizer):
     model = random_model(cfg)
     engine = Engine(ModelTensors.from_model(model, tokenizer), backend=backend)
     assert engine.backend == backend
-    assert (engine.decoder is not None) == (backend == "cpp" and cfg.mhc.n_streams == 1)
+    assert (engine.decoder is not None) == (backend == "cpp")
     ids = tokenizer.encode(CODE)
     with torch.no_grad():
         want = model(torch.tensor([ids]))[0]
@@ -138,14 +141,21 @@ def test_incremental_decode_matches_the_training_model(cfg, backend, tokenizer):
     assert_close_logits(decoded, want[2:])  # exact integer sums vs the training forward's float sums
 
 
-@pytest.mark.parametrize("f16_embedding", [False, True], ids=["float_head", "fp16_head"])
-def test_native_decode_step_equals_the_python_decode_step(f16_embedding, tokenizer):
-    """DecodeModel (the whole step in one C++ call) against Engine._forward's cpp path: the same kernels in
-    the same order, so the same logits and the same fp16 cache contents, with GQA, sub-norms, sequences of
-    different lengths and either LM head."""
-    model = random_model(
-        ModelConfig(n_layers=2, n_kv_heads=2, context_length=64, sub_norms=True, group_size=0)
-    )
+@pytest.mark.parametrize(
+    ("cfg", "f16_embedding"),
+    [
+        (ModelConfig(n_layers=2, n_kv_heads=2, context_length=64, sub_norms=True, group_size=0), False),
+        (ModelConfig(n_layers=2, n_kv_heads=2, context_length=64, sub_norms=True, group_size=0), True),
+        (ModelConfig(n_layers=3, context_length=64, group_size=128, mhc=MHCConfig(n_streams=4)), False),
+        (ModelConfig(n_layers=3, context_length=64, mhc=MHCConfig(n_streams=3, mode="static")), True),
+    ],
+    ids=["bitnet_float_head", "bitnet_fp16_head", "mhc4_dynamic_groups", "mhc3_static"],
+)
+def test_native_decode_step_equals_the_python_decode_step(cfg, f16_embedding, tokenizer):
+    """DecodeModel (the whole step in one C++ call) against Engine._forward's cpp path, which runs the same
+    kernels and computes mHC-lite with PyTorch ops: the same logits and cache contents, with GQA, sub-norms,
+    group scales, dynamic and static stream mixing, sequences of different lengths and either LM head."""
+    model = random_model(cfg)
     if f16_embedding:
         with torch.no_grad():
             model.embed.weight.copy_(model.embed.weight.half().float())
@@ -163,9 +173,12 @@ def test_native_decode_step_equals_the_python_decode_step(f16_embedding, tokeniz
             rows.append(engine.step(seqs))
         runs.append((torch.stack(rows), seqs))
     (got, native_seqs), (want, python_seqs) = runs
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+    # mHC's plain C++ loops sum in another order than the PyTorch ops, which now and then flips one 8-bit
+    # activation rounding (see assert_same_logits); a wrong layer, stream or cache row moves far more
+    assert_same_logits(got.flatten(0, 1), want.flatten(0, 1))
     for a, b in zip(native_seqs, python_seqs, strict=True):
-        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+        assert a.keys.shape == b.keys.shape and (a.keys - b.keys).abs().max() < 0.05
+        assert (a.values - b.values).abs().max() < 0.05
 
 
 def test_one_step_prefills_and_decodes_sequences_of_different_lengths(small_engine, tokenizer):

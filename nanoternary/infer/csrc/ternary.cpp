@@ -56,10 +56,10 @@ inline int32_t dot_u8s8(const uint8_t* a, const int8_t* b, int64_t K) {
 #endif
 }
 
-// Dot products of MB activation rows with four code rows: each code vector is loaded once for all MB rows,
-// and each row's four sums are reduced together.
+// Dot products, over K values, of MB activation rows with four code rows (both ld apart): each code vector
+// is loaded once for all MB rows, and each row's four sums are reduced together.
 template <int MB>
-inline void dot4_u8s8(const uint8_t* a, const int8_t* b, int64_t K, int32_t* out, int64_t out_stride) {
+inline void dot4_u8s8(const uint8_t* a, const int8_t* b, int64_t K, int64_t ld, int32_t* out, int64_t out_stride) {
 #ifdef NT_VNNI
   if (K % 64 == 0) {
     __m512i c[MB][4];
@@ -67,9 +67,9 @@ inline void dot4_u8s8(const uint8_t* a, const int8_t* b, int64_t K, int32_t* out
       for (int j = 0; j < 4; ++j) c[i][j] = _mm512_setzero_si512();
     for (int64_t k = 0; k < K; k += 64) {
       __m512i w[4];
-      for (int j = 0; j < 4; ++j) w[j] = _mm512_loadu_si512(b + j * K + k);
+      for (int j = 0; j < 4; ++j) w[j] = _mm512_loadu_si512(b + j * ld + k);
       for (int i = 0; i < MB; ++i) {
-        const __m512i x = _mm512_loadu_si512(a + i * K + k);
+        const __m512i x = _mm512_loadu_si512(a + i * ld + k);
         for (int j = 0; j < 4; ++j) c[i][j] = _mm512_dpbusd_epi32(c[i][j], x, w[j]);
       }
     }
@@ -85,7 +85,7 @@ inline void dot4_u8s8(const uint8_t* a, const int8_t* b, int64_t K, int32_t* out
   }
 #endif
   for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < 4; ++j) out[i * out_stride + j] = dot_u8s8(a + i * K, b + j * K, K);
+    for (int j = 0; j < 4; ++j) out[i * out_stride + j] = dot_u8s8(a + i * ld, b + j * ld, K);
 }
 
 inline float half_to_float(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
@@ -168,14 +168,20 @@ void weighted_rows(const float* p, const uint16_t* v, int64_t L, int64_t D, floa
 
 }  // namespace
 
-// x (M, K) float32; codes (N, K) int8 in {-1, 0, 1}; code_sums (N,) int32 = sum_k codes[n, k];
-// scale (N,) float32; norm_w (K,) float32 or empty. Returns (M, N) float32.
+// x (M, K) float32; codes (N, K) int8 in {-1, 0, 1}; scale (N, G) float32, one per row and group of K / G
+// consecutive inputs (G = 1: one per row); code_sums (N, G) int32 = the codes' sum over each group;
+// norm_w (K,) float32 or empty. Returns (M, N) float32: y[m, n] = sum_g scale[n, g] * (integer sum over
+// group g) / inv[m].
 torch::Tensor ternary_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor code_sums, torch::Tensor scale,
                              torch::Tensor norm_w, double norm_eps, double act_eps) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous (M, K) float32");
   TORCH_CHECK(codes.scalar_type() == torch::kInt8 && codes.is_contiguous(), "codes: contiguous int8");
-  const int64_t M = x.size(0), K = x.size(1), N = codes.size(0);
+  const int64_t M = x.size(0), K = x.size(1), N = codes.size(0), G = scale.numel() / std::max<int64_t>(N, 1);
   TORCH_CHECK(codes.size(1) == K, "codes and x disagree on in_features");
+  TORCH_CHECK(scale.is_contiguous() && code_sums.is_contiguous() && scale.numel() == N * G &&
+                  code_sums.numel() == N * G && G >= 1 && K % G == 0,
+              "scale and code_sums: contiguous (N, groups), groups dividing in_features");
+  const int64_t gk = K / G;
   const float* nw = norm_w.numel() ? norm_w.data_ptr<float>() : nullptr;
   std::vector<uint8_t> q(M * K);
   std::vector<float> inv(M), scratch(K);
@@ -190,22 +196,31 @@ torch::Tensor ternary_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor
   const float* sp = scale.data_ptr<float>();
   at::parallel_for(0, (N + 3) / 4, 64, [&](int64_t g0, int64_t g1) {
     int32_t acc[4 * 4];  // (row of the tile, code row)
-    for (int64_t g = g0; g < g1; ++g) {
-      const int64_t n = 4 * g, width = std::min<int64_t>(4, N - n);
+    float total[4 * 4];
+    for (int64_t t = g0; t < g1; ++t) {
+      const int64_t n = 4 * t, width = std::min<int64_t>(4, N - n);
       for (int64_t m = 0; m < M;) {
-        const uint8_t* a = q.data() + m * K;
         const int64_t rows = width == 4 && M - m >= 4 ? 4 : 1;
-        if (rows == 4) {
-          dot4_u8s8<4>(a, cp + n * K, K, acc, 4);
-        } else if (width == 4) {
-          dot4_u8s8<1>(a, cp + n * K, K, acc, 4);
-        } else {
-          for (int64_t j = 0; j < width; ++j) acc[j] = dot_u8s8(a, cp + (n + j) * K, K);
+        std::fill_n(total, 16, 0.f);
+        for (int64_t g = 0; g < G; ++g) {
+          const uint8_t* a = q.data() + m * K + g * gk;
+          const int8_t* c = cp + n * K + g * gk;
+          if (rows == 4) {
+            dot4_u8s8<4>(a, c, gk, K, acc, 4);
+          } else if (width == 4) {
+            dot4_u8s8<1>(a, c, gk, K, acc, 4);
+          } else {
+            for (int64_t j = 0; j < width; ++j) acc[j] = dot_u8s8(a, c + j * K, gk);
+          }
+          for (int64_t i = 0; i < rows; ++i) {
+            for (int64_t j = 0; j < width; ++j) {
+              const int64_t r = (n + j) * G + g;
+              total[i * 4 + j] += (float)(acc[i * 4 + j] - 128 * sums[r]) * sp[r];
+            }
+          }
         }
         for (int64_t i = 0; i < rows; ++i, ++m) {
-          for (int64_t j = 0; j < width; ++j) {
-            yp[m * N + n + j] = (float)(acc[i * 4 + j] - 128 * sums[n + j]) * sp[n + j] / inv[m];
-          }
+          for (int64_t j = 0; j < width; ++j) yp[m * N + n + j] = total[i * 4 + j] / inv[m];
         }
       }
     }
@@ -366,24 +381,135 @@ torch::Tensor head_f16(torch::Tensor h, torch::Tensor wt, int64_t V) {
   return V == padded ? out : out.narrow(1, 0, V).contiguous();
 }
 
-// A whole decode step of a plain-residual (one stream) SwiGLU model in one call: for a small model the
-// ~40 PyTorch and kernel calls per step that Python would make cost more than their arithmetic.
-// Per layer: x += o(attention(qkv(x))); x += down(silu(gate) * up) with gate|up = gate_up(x); each of the
-// four ternary linears carries its RMSNorm (or none), as in Engine._forward. Then the final RMSNorm and
-// the tied LM head (fp16 tiles as head_f16 reads them, or float32 transposed; the other one empty).
+namespace {
+// One mHC-lite residual (model/mhc.py, MHCLiteResidual) around a sub-layer, for one decode position per
+// sequence: static logits pre_bias, post_bias (n,) and res_bias (n!,; empty: no stream mixing), plus,
+// when proj is not empty (mode dynamic), gates * proj(RMSNorm(streams)); perms (n!, n * n) is the
+// permutation table. Plain loops: with n = 2..4 streams the ~20 PyTorch ops of the same arithmetic cost
+// far more than it does.
+class StreamResidual {
+ public:
+  StreamResidual(const torch::Tensor* t, double eps)
+      : pre_bias(t[0]), post_bias(t[1]), res_bias(t[2]), proj(t[3]), gates(t[4]), perms(t[5]), eps(eps),
+        n(t[0].numel()), P(t[2].numel()) {}
+
+  // h = H_pre · x, the sub-layer's input (B, C), from streams x (B, n, C); keeps H_post and H_res.
+  torch::Tensor read(const torch::Tensor& x) {
+    const int64_t B = x.size(0), C = x.size(2), E = 2 * n + P;
+    const float* xp = x.data_ptr<float>();
+    std::vector<float> d(B * E, 0.f);
+    if (proj.numel() > 0) {
+      auto normed = torch::empty({B, n * C}, x.options());
+      float* np = normed.data_ptr<float>();
+      for (int64_t b = 0; b < B; ++b) {
+        const float* row = xp + b * n * C;
+        float ss = 0.f;
+        for (int64_t k = 0; k < n * C; ++k) ss += row[k] * row[k];
+        const float r = 1.f / std::sqrt(ss / (float)(n * C) + (float)eps);
+        for (int64_t k = 0; k < n * C; ++k) np[b * n * C + k] = row[k] * r;
+      }
+      auto projected = at::linear(normed, proj).contiguous();
+      std::copy_n(projected.data_ptr<float>(), B * E, d.data());
+    }
+    const float* g = proj.numel() > 0 ? gates.data_ptr<float>() : nullptr;
+    const float* pb = pre_bias.data_ptr<float>();
+    const float* qb = post_bias.data_ptr<float>();
+    const float* rb = P ? res_bias.data_ptr<float>() : nullptr;
+    const float* table = perms.data_ptr<float>();
+    pre_.assign(B * n, 0.f);
+    post_.assign(B * n, 0.f);
+    mix_.assign(P ? B * n * n : 0, 0.f);
+    std::vector<float> w(P);
+    auto sigmoid = [](float z) { return 1.f / (1.f + std::exp(-z)); };
+    for (int64_t b = 0; b < B; ++b) {
+      const float* db = d.data() + b * E;
+      for (int64_t j = 0; j < n; ++j) {
+        pre_[b * n + j] = sigmoid(g ? g[0] * db[j] + pb[j] : pb[j]);
+        post_[b * n + j] = 2.f * sigmoid(g ? g[1] * db[n + j] + qb[j] : qb[j]);
+      }
+      if (P) {  // H_res = sum_k softmax(logits)_k P_k
+        float mx = -INFINITY, total = 0.f;
+        for (int64_t k = 0; k < P; ++k) mx = std::max(mx, w[k] = g ? g[2] * db[2 * n + k] + rb[k] : rb[k]);
+        for (int64_t k = 0; k < P; ++k) total += (w[k] = std::exp(w[k] - mx));
+        float* H = mix_.data() + b * n * n;
+        for (int64_t k = 0; k < P; ++k)
+          for (int64_t e = 0; e < n * n; ++e) H[e] += w[k] / total * table[k * n * n + e];
+      }
+    }
+    auto h = torch::zeros({B, C}, x.options());
+    float* hp = h.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t j = 0; j < n; ++j) {
+        const float p = pre_[b * n + j];
+        const float* row = xp + (b * n + j) * C;
+        for (int64_t c = 0; c < C; ++c) hp[b * C + c] += p * row[c];
+      }
+    return h;
+  }
+
+  // x' = H_res · x + H_post ⊗ y for the sub-layer's output y (B, C).
+  torch::Tensor write(const torch::Tensor& x, const torch::Tensor& y) {
+    const int64_t B = x.size(0), C = x.size(2);
+    auto out = torch::empty_like(x);
+    const float* xp = x.data_ptr<float>();
+    const float* yp = y.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < n; ++i) {
+        float* dst = op + (b * n + i) * C;
+        const float post = post_[b * n + i];
+        for (int64_t c = 0; c < C; ++c) dst[c] = post * yp[b * C + c];
+        if (!P) {
+          const float* src = xp + (b * n + i) * C;
+          for (int64_t c = 0; c < C; ++c) dst[c] += src[c];
+          continue;
+        }
+        for (int64_t j = 0; j < n; ++j) {
+          const float m = mix_[(b * n + i) * n + j];
+          const float* src = xp + (b * n + j) * C;
+          for (int64_t c = 0; c < C; ++c) dst[c] += m * src[c];
+        }
+      }
+    return out;
+  }
+
+ private:
+  torch::Tensor pre_bias, post_bias, res_bias, proj, gates, perms;
+  double eps;
+  int64_t n, P;
+  std::vector<float> pre_, post_, mix_;
+};
+}  // namespace
+
+// A whole decode step of a SwiGLU model in one call: for a small model the ~40 (plain residual) to ~150
+// (mHC-lite) PyTorch and kernel calls per step that Python would make cost more than their arithmetic.
+// Per layer, around each sub-layer, either the plain residual x += f(x), or mHC-lite's
+// x = H_res · x + H_post ⊗ f(H_pre · x) over n streams; the sub-layers are o(attention(qkv(.))) and
+// down(silu(gate) * up) with gate|up = gate_up(.), each ternary linear carrying its RMSNorm (or none), as
+// in Engine._forward. Then the stream sum, the final RMSNorm and the tied LM head (fp16 tiles as head_f16
+// reads them, or float32 transposed; the other one empty).
 class DecodeModel {
  public:
   // layers[l]: codes, code_sums, scale, norm weight (empty: none) of qkv, o, gate_up, down; eps[l]: the
-  // four norms' eps.
+  // four norms' eps. residuals[l]: empty (plain residual) or the attention's then the FFN's pre_bias,
+  // post_bias, res_bias, proj, gates, perms (empty tensors where absent); residual_eps[l]: their 2 eps.
   DecodeModel(torch::Tensor embed, std::vector<std::vector<torch::Tensor>> layers, std::vector<std::vector<double>> eps,
-              torch::Tensor final_norm, double final_eps, torch::Tensor head_f16, torch::Tensor head,
+              std::vector<std::vector<torch::Tensor>> residuals, std::vector<std::vector<double>> residual_eps,
+              int64_t n_streams, torch::Tensor final_norm, double final_eps, torch::Tensor head_f16, torch::Tensor head,
               torch::Tensor cos, torch::Tensor sin, int64_t Hq, int64_t Hkv, int64_t ffn_dim, double act_eps)
-      : embed_(embed), layers_(layers), eps_(eps), final_norm_(final_norm), final_eps_(final_eps),
-        head_f16_(head_f16), head_(head), cos_(cos), sin_(sin), Hq_(Hq), Hkv_(Hkv), ffn_dim_(ffn_dim),
-        act_eps_(act_eps), vocab_(embed.size(0)) {
-    TORCH_CHECK(layers.size() == eps.size(), "one eps list per layer");
-    for (size_t l = 0; l < layers.size(); ++l)
+      : embed_(embed), layers_(layers), eps_(eps), n_streams_(n_streams), final_norm_(final_norm),
+        final_eps_(final_eps), head_f16_(head_f16), head_(head), cos_(cos), sin_(sin), Hq_(Hq), Hkv_(Hkv),
+        ffn_dim_(ffn_dim), act_eps_(act_eps), vocab_(embed.size(0)) {
+    TORCH_CHECK(layers.size() == eps.size() && residuals.size() == layers.size() && residual_eps.size() == layers.size(),
+                "one entry per layer in every list");
+    for (size_t l = 0; l < layers.size(); ++l) {
       TORCH_CHECK(layers[l].size() == 16 && eps[l].size() == 4, "a layer is 4 linears x (codes, sums, scale, norm)");
+      TORCH_CHECK(residuals[l].size() == (n_streams > 1 ? 12u : 0u) && residual_eps[l].size() == residuals[l].size() / 6,
+                  "a layer has 2 stream residuals x 6 tensors with n_streams > 1, none with 1");
+      for (size_t r = 0; r < residuals[l].size() / 6; ++r) {
+        residuals_.emplace_back(residuals[l].data() + 6 * r, residual_eps[l][r]);
+      }
+    }
     TORCH_CHECK((head_f16.numel() > 0) != (head.numel() > 0), "exactly one of head_f16 and head (the other empty)");
   }
 
@@ -407,23 +533,37 @@ class DecodeModel {
       caches[b] = {half_data(keys[b]), half_data(values[b]), cap, positions[b]};
       layer_stride[b] = Hkv_ * cap * D;
     }
-    auto x = embed_.index_select(0, ids);
+    auto x = embed_.index_select(0, ids);  // (B, C), or (B, n, C) streams below
+    if (n_streams_ > 1) x = x.unsqueeze(1).repeat({1, n_streams_, 1});
     auto q = torch::empty({B, Hq_, D}, x.options());
-    auto attended = torch::empty({B, Hq_ * D}, x.options());
     const float scale = 1.f / std::sqrt((float)D);
-    for (int64_t l = 0; l < n_layers; ++l) {
-      auto qkv = linear(l, 0, x);
+    auto attention = [&](int64_t l, const torch::Tensor& h) {
+      auto qkv = linear(l, 0, h);
+      auto attended = torch::empty({B, Hq_ * D}, h.options());
       attend_new_positions(qkv.data_ptr<float>(), B, Hq_, Hkv_, D, cos_.data_ptr<float>(), sin_.data_ptr<float>(),
                            caches, scale, q.data_ptr<float>(), attended.data_ptr<float>());
-      x.add_(linear(l, 1, attended));
-      auto gate_up = linear(l, 2, x);
-      auto hidden = at::silu(gate_up.narrow(1, 0, ffn_dim_)).mul_(gate_up.narrow(1, ffn_dim_, ffn_dim_));
-      x.add_(linear(l, 3, hidden));
+      return linear(l, 1, attended);
+    };
+    auto ffn = [&](int64_t l, const torch::Tensor& h) {
+      auto gate_up = linear(l, 2, h);
+      return linear(l, 3, at::silu(gate_up.narrow(1, 0, ffn_dim_)).mul_(gate_up.narrow(1, ffn_dim_, ffn_dim_)));
+    };
+    for (int64_t l = 0; l < n_layers; ++l) {
+      if (n_streams_ > 1) {
+        StreamResidual& around_attention = residuals_[2 * l];
+        x = around_attention.write(x, attention(l, around_attention.read(x).contiguous()));
+        StreamResidual& around_ffn = residuals_[2 * l + 1];
+        x = around_ffn.write(x, ffn(l, around_ffn.read(x).contiguous()));
+      } else {
+        x.add_(attention(l, x));
+        x.add_(ffn(l, x));
+      }
       for (int64_t b = 0; b < B; ++b) {  // the next layer's rows of each cache
         caches[b].keys += layer_stride[b];
         caches[b].values += layer_stride[b];
       }
     }
+    if (n_streams_ > 1) x = x.sum(1);
     auto h = at::rms_norm(x, {x.size(1)}, final_norm_, final_eps_);
     return head_f16_.numel() > 0 ? head_f16(h, head_f16_, vocab_) : h.matmul(head_);
   }
@@ -437,6 +577,8 @@ class DecodeModel {
   torch::Tensor embed_;
   std::vector<std::vector<torch::Tensor>> layers_;
   std::vector<std::vector<double>> eps_;
+  std::vector<StreamResidual> residuals_;
+  int64_t n_streams_;
   torch::Tensor final_norm_;
   double final_eps_;
   torch::Tensor head_f16_, head_, cos_, sin_;
@@ -460,6 +602,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_vnni", &has_vnni, "compiled with AVX512-VNNI dot products");
   pybind11::class_<DecodeModel>(m, "DecodeModel")
       .def(pybind11::init<torch::Tensor, std::vector<std::vector<torch::Tensor>>, std::vector<std::vector<double>>,
+                          std::vector<std::vector<torch::Tensor>>, std::vector<std::vector<double>>, int64_t,
                           torch::Tensor, double, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t,
                           int64_t, int64_t, double>())
       .def("step", &DecodeModel::step, "one decode position per sequence through the whole model");
