@@ -201,8 +201,7 @@ torch::Tensor ternary_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor
       const int64_t n = 4 * t, width = std::min<int64_t>(4, N - n);
       for (int64_t m = 0; m < M;) {
         const int64_t rows = width == 4 && M - m >= 4 ? 4 : 1;
-        std::fill_n(total, 16, 0.f);
-        for (int64_t g = 0; g < G; ++g) {
+        auto group_sums = [&](int64_t g) {  // acc = integer sums of the tile over group g
           const uint8_t* a = q.data() + m * K + g * gk;
           const int8_t* c = cp + n * K + g * gk;
           if (rows == 4) {
@@ -212,6 +211,19 @@ torch::Tensor ternary_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor
           } else {
             for (int64_t j = 0; j < width; ++j) acc[j] = dot_u8s8(a, c + j * K, gk);
           }
+        };
+        if (G == 1) {  // the common case, and the decode hot path: no float accumulation across groups
+          group_sums(0);
+          for (int64_t i = 0; i < rows; ++i, ++m) {
+            for (int64_t j = 0; j < width; ++j) {
+              yp[m * N + n + j] = (float)(acc[i * 4 + j] - 128 * sums[n + j]) * sp[n + j] / inv[m];
+            }
+          }
+          continue;
+        }
+        std::fill_n(total, 16, 0.f);
+        for (int64_t g = 0; g < G; ++g) {
+          group_sums(g);
           for (int64_t i = 0; i < rows; ++i) {
             for (int64_t j = 0; j < width; ++j) {
               const int64_t r = (n + j) * G + g;
