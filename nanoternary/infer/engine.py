@@ -178,13 +178,16 @@ class Engine:
         half = cfg.head_dim // 2  # rotate-half as x·cos + roll(x)·sin' with sin' = [-sin, sin]
         self.rope_cos = model.rope_cos
         self.rope_sin = torch.cat([-model.rope_sin[:, :half], model.rope_sin[:, half:]], dim=-1)
-        # LM head: the fp32 backend keeps the training forward's F.linear (bit-identical logits); cpp reads
-        # the tied embedding as fp16 tiles when that is exact (F16 GGUF embeddings), else as cpp and int8 do,
-        # float32 (dim, vocab), whose matrix-vector product is several times faster on CPU than F.linear's
+        # LM head: the fp32 backend keeps the training forward's F.linear (bit-identical logits). cpp reads
+        # the tied embedding as tiles (kernels.head_tiles), fp16 when that is exact (F16 GGUF embeddings),
+        # else float32; int8 as (dim, vocab), whose matrix-vector product beats F.linear's on CPU.
         w = model.embed.weight
-        exact_f16 = self.backend == "cpp" and torch.equal(w.half().float(), w)
-        self.head_f16 = head_tiles(w) if exact_f16 else None
-        self.head = w.t().contiguous() if self.backend != "fp32" and self.head_f16 is None else None
+        self.head_tiles = self.head = None
+        if self.backend == "cpp":
+            exact_f16 = torch.equal(w.half().float(), w)
+            self.head_tiles = head_tiles(w, torch.float16 if exact_f16 else torch.float32)
+        elif self.backend == "int8":
+            self.head = w.t().contiguous()
         self.decoder = self._native_decoder()
 
     def _native_decoder(self) -> Any:
@@ -225,8 +228,7 @@ class Engine:
             n,
             model.norm.weight,
             model.norm.eps,
-            self.head_f16 if self.head_f16 is not None else empty,
-            self.head if self.head is not None else empty,
+            self.head_tiles,
             model.rope_cos,
             model.rope_sin,
             self.cfg.n_heads,
@@ -268,7 +270,8 @@ class Engine:
     def step(self, seqs: list[Sequence]) -> torch.Tensor:
         """ONE forward pass over all `seqs`: each feeds its pending tokens (the whole prompt when not yet
         prefilled, else the token given to `append`). Returns next-token logits (len(seqs), vocab) float32
-        on the CPU, row i for seqs[i]."""
+        on the CPU, row i for seqs[i]. With the native decoder, the sequences that feed one token take
+        its one-call step and the others (prefills) the PyTorch forward: two passes, the same rows."""
         if len({id(s) for s in seqs}) != len(seqs):
             raise ValueError("a sequence appears twice in one step")
         spans = []
@@ -278,12 +281,19 @@ class Engine:
                 raise ValueError("sequence has no new token: call append() before the next step")
             self._reserve(seq, len(seq.ids))
             spans.append(n)
-        ids = torch.tensor([t for s in seqs for t in s.ids[s.cached :]], device=self.device)
-        pos = torch.tensor([p for s in seqs for p in range(s.cached, len(s.ids))], device=self.device)
-        logits = self._forward(ids, pos, seqs, spans, every_position=False)
+        groups = [list(range(len(seqs)))]
+        if self.decoder is not None and 1 in spans and max(spans) > 1:
+            groups = [[i for i, n in enumerate(spans) if n == 1], [i for i, n in enumerate(spans) if n > 1]]
+        logits = torch.empty(len(seqs), self.cfg.vocab_size)
+        for rows in groups:
+            part = [seqs[i] for i in rows]
+            ids = torch.tensor([t for s in part for t in s.ids[s.cached :]], device=self.device)
+            pos = torch.tensor([p for s in part for p in range(s.cached, len(s.ids))], device=self.device)
+            out = self._forward(ids, pos, part, [spans[i] for i in rows], every_position=False)
+            logits[rows] = out.float().cpu()
         for seq in seqs:
             seq.cached = len(seq.ids)
-        return logits.float().cpu()
+        return logits
 
     @torch.inference_mode()
     def score(self, ids: list[int]) -> torch.Tensor:
@@ -343,8 +353,8 @@ class Engine:
         h = model.norm.forward(model.streams.reduce(x))[0]
         if self.numerics == "llama":
             h = h.half().float()
-        if self.head_f16 is not None:
-            return native_ops().head_f16(h.contiguous(), self.head_f16, self.cfg.vocab_size)
+        if self.head_tiles is not None:
+            return native_ops().head_tiled(h.contiguous(), self.head_tiles, self.cfg.vocab_size)
         return h @ self.head if self.head is not None else F.linear(h, model.embed.weight)
 
     def _ffn(self, proj: Projections, h: torch.Tensor) -> torch.Tensor:

@@ -90,11 +90,12 @@ def unpack_codes(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     return codes.to(torch.int8) - 1
 
 
-def head_tiles(embedding: torch.Tensor, tile: int = 64) -> torch.Tensor:
-    """A tied embedding (vocab, dim) as the cpp fp16 LM head reads it: (tiles, dim, tile) fp16, each tile
-    of `tile` vocab entries one contiguous block (zero-padded to whole tiles; see csrc/ternary.cpp)."""
+def head_tiles(embedding: torch.Tensor, dtype: torch.dtype = torch.float16, tile: int = 64) -> torch.Tensor:
+    """A tied embedding (vocab, dim) as the cpp LM head kernel reads it: (tiles, dim, tile) in `dtype`
+    (float16 or float32), each tile of `tile` vocab entries one contiguous block (zero-padded to whole
+    tiles; see csrc/ternary.cpp)."""
     vocab, dim = embedding.shape
-    padded = embedding.new_zeros(-(-vocab // tile) * tile, dim, dtype=torch.float16)
+    padded = embedding.new_zeros(-(-vocab // tile) * tile, dim, dtype=dtype)
     padded[:vocab] = embedding
     return padded.view(-1, tile, dim).transpose(1, 2).contiguous()
 

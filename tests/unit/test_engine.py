@@ -65,19 +65,21 @@ def test_backends_agree_on_the_integer_sums_with_and_without_a_fused_norm(tokens
     assert torch.equal(TernaryLinear(weight, "fp32", norm=norm)(x), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("tokens", [1, 3, 4, 16, 17])  # whole 4-token tiles and the rows left over
-def test_fp16_head_kernel_equals_the_float_product(tokens):
+def test_tiled_head_kernel_equals_the_float_product(tokens, dtype):
     torch.manual_seed(0)
     vocab, dim = 64 * 5 + 37, 256  # 5 whole 64-entry vocab tiles and a tail
-    embedding = torch.randn(vocab, dim).half()
+    embedding = torch.randn(vocab, dim).to(dtype)
     h = torch.randn(tokens, dim)
-    tiles = head_tiles(embedding)
-    assert tiles.shape == (6, dim, 64) and torch.equal(tiles[5, :, 37:], torch.zeros(dim, 27).half())
-    logits = native_ops().head_f16(h, tiles, vocab)
+    tiles = head_tiles(embedding, dtype)
+    assert tiles.shape == (6, dim, 64) and tiles.dtype == dtype
+    assert torch.equal(tiles[5, :, 37:], torch.zeros(dim, 27, dtype=dtype))
+    logits = native_ops().head_tiled(h, tiles, vocab)
     assert logits.shape == (tokens, vocab) and logits.is_contiguous()
     torch.testing.assert_close(logits, h @ embedding.float().t(), rtol=1e-5, atol=1e-4)
-    with pytest.raises(RuntimeError, match=r"wt: contiguous \(ceil\(V / 64\), K, 64\) fp16 tiles"):
-        native_ops().head_f16(h, tiles, vocab + 64)
+    with pytest.raises(RuntimeError, match=r"wt: contiguous \(ceil\(V / 64\), K, 64\) fp16 or float32 tiles"):
+        native_ops().head_tiled(h, tiles, vocab + 64)
 
 
 # cache lengths: a single position, vector-width tails (17 = 16 + 1, 40) and whole vectors; GQA 4 -> 2 heads
@@ -162,7 +164,7 @@ def test_native_decode_step_equals_the_python_decode_step(cfg, f16_embedding, to
     tensors = ModelTensors.from_model(model, tokenizer)
     native, python = Engine(tensors), Engine(tensors)
     python.decoder = None
-    assert native.decoder is not None and (native.head_f16 is not None) == f16_embedding
+    assert native.decoder is not None and (native.head_tiles.dtype == torch.float16) == f16_embedding
     runs = []
     for engine in (native, python):
         seqs = [engine.start(tokenizer.encode(p)) for p in ("def add(a, b):", "import os\n", "x = [")]

@@ -72,7 +72,7 @@ def test_bitnet_gguf_logits_equal_the_training_model_with_fp16_embeddings(bitnet
     assert engine.cfg.sub_norms and engine.cfg.group_size == 0 and engine.cfg.mhc.n_streams == 1
     assert engine.tokenizer.encode(CODE) == ids
     fast = Engine.from_path(path)  # integer sums, and the F16 embedding read by the fp16 head kernel
-    assert fast.backend == "cpp" and fast.head_f16 is not None
+    assert fast.backend == "cpp" and fast.head_tiles.dtype == torch.float16
     # its fp16 KV cache rounds every cached key and value, which flips more 8-bit activation roundings of
     # the output projection than float32 would (0.064 at most here, against < 0.05)
     assert_close_logits(fast.score(ids), want, max_diff=0.1)

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <cstdint>
 #include <vector>
 
@@ -332,26 +333,35 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tens
   return out;
 }
 
-// Logits = h @ E^T for a tied embedding E (V, K) held as fp16 (exact when the GGUF holds F16 embeddings):
-// half the memory traffic of float32, which dominates the LM head of a small model. The weights come
+// Logits = h @ E^T for a tied embedding E (V, K), held as fp16 when that is exact (F16 GGUF embeddings:
+// half the memory traffic, which dominates the LM head of a small model) or as float32. The weights come
 // tile-major, wt (tiles, K, 64) with E zero-padded to whole tiles (kernels.head_tiles), so each tile is
-// one contiguous 32 KB block that stays in L1/L2 while every group of tokens reads it; read with a
-// row stride of V instead, a tile's rows map to the same L1 sets and every group fetched it again.
-// Groups of MB tokens x 64 vocab entries accumulate in 4 * MB registers along k, so no dot product needs
-// a horizontal sum and each converted weight vector serves MB tokens.
+// one contiguous block that stays in cache while every group of tokens reads it; read with a row stride
+// of V instead, a tile's rows map to the same L1 sets and every group fetched it again. Groups of MB
+// tokens x 64 vocab entries accumulate in 4 * MB registers along k, so no dot product needs a horizontal
+// sum and each loaded weight vector serves MB tokens.
 namespace {
 constexpr int64_t HEAD_VB = 64;  // vocab entries per tile: 4 AVX-512 vectors
 
-template <int MB>
-void head_tile(const float* hp, const uint16_t* tile, float* op, int64_t K, int64_t out_stride) {
+inline float to_float(uint16_t h) { return half_to_float(h); }
+inline float to_float(float f) { return f; }
+
+template <int MB, typename W>
+void head_tile(const float* hp, const W* tile, float* op, int64_t K, int64_t out_stride) {
 #ifdef __AVX512F__
   __m512 acc[MB][4];
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
-    const uint16_t* src = tile + k * HEAD_VB;
+    const W* src = tile + k * HEAD_VB;
     __m512 w[4];
-    for (int j = 0; j < 4; ++j) w[j] = load_half16(src + 16 * j);
+    for (int j = 0; j < 4; ++j) {
+      if constexpr (std::is_same_v<W, uint16_t>) {
+        w[j] = load_half16(src + 16 * j);
+      } else {
+        w[j] = _mm512_loadu_ps(src + 16 * j);
+      }
+    }
     for (int i = 0; i < MB; ++i) {
       const __m512 x = _mm512_set1_ps(hp[i * K + k]);
       for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_fmadd_ps(x, w[j], acc[i][j]);
@@ -363,33 +373,42 @@ void head_tile(const float* hp, const uint16_t* tile, float* op, int64_t K, int6
   for (int i = 0; i < MB; ++i) {
     for (int64_t v = 0; v < HEAD_VB; ++v) {
       float sum = 0.f;
-      for (int64_t k = 0; k < K; ++k) sum += hp[i * K + k] * half_to_float(tile[k * HEAD_VB + v]);
+      for (int64_t k = 0; k < K; ++k) sum += hp[i * K + k] * to_float(tile[k * HEAD_VB + v]);
       op[i * out_stride + v] = sum;
     }
   }
 #endif
 }
-}  // namespace
 
-torch::Tensor head_f16(torch::Tensor h, torch::Tensor wt, int64_t V) {
-  TORCH_CHECK(h.dim() == 2 && h.is_contiguous() && h.scalar_type() == torch::kFloat32, "h: contiguous (M, K) float32");
-  const int64_t M = h.size(0), K = h.size(1);
-  TORCH_CHECK(wt.dim() == 3 && wt.is_contiguous() && wt.scalar_type() == torch::kHalf && wt.size(1) == K &&
-                  wt.size(2) == HEAD_VB && V > (wt.size(0) - 1) * HEAD_VB && V <= wt.size(0) * HEAD_VB,
-              "wt: contiguous (ceil(V / 64), K, 64) fp16 tiles");
-  const int64_t tiles = wt.size(0), padded = tiles * HEAD_VB;
-  auto out = torch::empty({M, padded}, h.options());
-  const float* hp = h.data_ptr<float>();
-  const uint16_t* wp = half_data(wt);
-  float* op = out.data_ptr<float>();
+template <typename W>
+void head_tiles_product(const float* hp, const W* wp, float* op, int64_t M, int64_t K, int64_t tiles) {
+  const int64_t padded = tiles * HEAD_VB;
   at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const uint16_t* tile = wp + t * K * HEAD_VB;
+      const W* tile = wp + t * K * HEAD_VB;
       int64_t m = 0;
       for (; m + 4 <= M; m += 4) head_tile<4>(hp + m * K, tile, op + m * padded + t * HEAD_VB, K, padded);
       for (; m < M; ++m) head_tile<1>(hp + m * K, tile, op + m * padded + t * HEAD_VB, K, padded);
     }
   });
+}
+}  // namespace
+
+torch::Tensor head_tiled(torch::Tensor h, torch::Tensor wt, int64_t V) {
+  TORCH_CHECK(h.dim() == 2 && h.is_contiguous() && h.scalar_type() == torch::kFloat32, "h: contiguous (M, K) float32");
+  const int64_t M = h.size(0), K = h.size(1);
+  const bool half = wt.scalar_type() == torch::kHalf;
+  TORCH_CHECK(wt.dim() == 3 && wt.is_contiguous() && (half || wt.scalar_type() == torch::kFloat32) &&
+                  wt.size(1) == K && wt.size(2) == HEAD_VB && V > (wt.size(0) - 1) * HEAD_VB &&
+                  V <= wt.size(0) * HEAD_VB,
+              "wt: contiguous (ceil(V / 64), K, 64) fp16 or float32 tiles");
+  const int64_t tiles = wt.size(0), padded = tiles * HEAD_VB;
+  auto out = torch::empty({M, padded}, h.options());
+  if (half) {
+    head_tiles_product(h.data_ptr<float>(), half_data(wt), out.data_ptr<float>(), M, K, tiles);
+  } else {
+    head_tiles_product(h.data_ptr<float>(), wt.data_ptr<float>(), out.data_ptr<float>(), M, K, tiles);
+  }
   return V == padded ? out : out.narrow(1, 0, V).contiguous();
 }
 
@@ -498,8 +517,8 @@ class StreamResidual {
 // Per layer, around each sub-layer, either the plain residual x += f(x), or mHC-lite's
 // x = H_res · x + H_post ⊗ f(H_pre · x) over n streams; the sub-layers are o(attention(qkv(.))) and
 // down(silu(gate) * up) with gate|up = gate_up(.), each ternary linear carrying its RMSNorm (or none), as
-// in Engine._forward. Then the stream sum, the final RMSNorm and the tied LM head (fp16 tiles as head_f16
-// reads them, or float32 transposed; the other one empty).
+// in Engine._forward. Then the stream sum, the final RMSNorm and the tied LM head (tiles as head_tiled
+// reads them).
 class DecodeModel {
  public:
   // layers[l]: codes, code_sums, scale, norm weight (empty: none) of qkv, o, gate_up, down; eps[l]: the
@@ -507,10 +526,10 @@ class DecodeModel {
   // post_bias, res_bias, proj, gates, perms (empty tensors where absent); residual_eps[l]: their 2 eps.
   DecodeModel(torch::Tensor embed, std::vector<std::vector<torch::Tensor>> layers, std::vector<std::vector<double>> eps,
               std::vector<std::vector<torch::Tensor>> residuals, std::vector<std::vector<double>> residual_eps,
-              int64_t n_streams, torch::Tensor final_norm, double final_eps, torch::Tensor head_f16, torch::Tensor head,
+              int64_t n_streams, torch::Tensor final_norm, double final_eps, torch::Tensor head_tiles,
               torch::Tensor cos, torch::Tensor sin, int64_t Hq, int64_t Hkv, int64_t ffn_dim, double act_eps)
       : embed_(embed), layers_(layers), eps_(eps), n_streams_(n_streams), final_norm_(final_norm),
-        final_eps_(final_eps), head_f16_(head_f16), head_(head), cos_(cos), sin_(sin), Hq_(Hq), Hkv_(Hkv),
+        final_eps_(final_eps), head_tiles_(head_tiles), cos_(cos), sin_(sin), Hq_(Hq), Hkv_(Hkv),
         ffn_dim_(ffn_dim), act_eps_(act_eps), vocab_(embed.size(0)) {
     TORCH_CHECK(layers.size() == eps.size() && residuals.size() == layers.size() && residual_eps.size() == layers.size(),
                 "one entry per layer in every list");
@@ -522,7 +541,6 @@ class DecodeModel {
         residuals_.emplace_back(residuals[l].data() + 6 * r, residual_eps[l][r]);
       }
     }
-    TORCH_CHECK((head_f16.numel() > 0) != (head.numel() > 0), "exactly one of head_f16 and head (the other empty)");
   }
 
   // ids (B,) int64, one new token per sequence; keys[b] / values[b] (layers, Hkv, capacity, D) fp16 caches;
@@ -577,7 +595,7 @@ class DecodeModel {
     }
     if (n_streams_ > 1) x = x.sum(1);
     auto h = at::rms_norm(x, {x.size(1)}, final_norm_, final_eps_);
-    return head_f16_.numel() > 0 ? head_f16(h, head_f16_, vocab_) : h.matmul(head_);
+    return head_tiled(h, head_tiles_, vocab_);
   }
 
  private:
@@ -593,7 +611,7 @@ class DecodeModel {
   int64_t n_streams_;
   torch::Tensor final_norm_;
   double final_eps_;
-  torch::Tensor head_f16_, head_, cos_, sin_;
+  torch::Tensor head_tiles_, cos_, sin_;
   int64_t Hq_, Hkv_, ffn_dim_;
   double act_eps_;
   int64_t vocab_;
@@ -610,12 +628,12 @@ bool has_vnni() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ternary_linear", &ternary_linear, "[rmsnorm] + 8-bit activations + ternary matmul");
   m.def("decode_attention", &decode_attention, "KV-cache write + attention for one new position per sequence");
-  m.def("head_f16", &head_f16, "h @ E^T with E as fp16 tiles (kernels.head_tiles)");
+  m.def("head_tiled", &head_tiled, "h @ E^T with E as fp16 or float32 tiles (kernels.head_tiles)");
   m.def("has_vnni", &has_vnni, "compiled with AVX512-VNNI dot products");
   pybind11::class_<DecodeModel>(m, "DecodeModel")
       .def(pybind11::init<torch::Tensor, std::vector<std::vector<torch::Tensor>>, std::vector<std::vector<double>>,
                           std::vector<std::vector<torch::Tensor>>, std::vector<std::vector<double>>, int64_t,
-                          torch::Tensor, double, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t,
-                          int64_t, int64_t, double>())
+                          torch::Tensor, double, torch::Tensor, torch::Tensor, torch::Tensor, int64_t, int64_t,
+                          int64_t, double>())
       .def("step", &DecodeModel::step, "one decode position per sequence through the whole model");
 }
