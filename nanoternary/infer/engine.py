@@ -141,7 +141,9 @@ class Engine:
         cfg = tensors.cfg
         self.cfg, self.device, self.name, self.numerics = cfg, torch.device(device), name, numerics
         if backend == "auto":
-            backend = "fp32" if self.device.type != "cpu" else "cpp" if native_ops() is not None else "int8"
+            backend = "fp32" if self.device.type != "cpu" else "cpp"
+        if backend == "cpp" and self.device.type == "cpu" and native_ops() is None:
+            backend = "int8"  # no C++ compiler here: the PyTorch int8 path, as TernaryLinear falls back too
         self.backend = "fp32" if numerics == "llama" else backend
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected auto or one of {BACKENDS}")

@@ -1,16 +1,19 @@
-// Fused BitNet linear for CPU decoding: [RMSNorm] -> per-token 8-bit absmax activations -> ternary matmul.
+// The cpp backend's CPU decoding kernels: ternary_linear, decode_attention, head_tiled, and DecodeModel,
+// a whole decode step in one call built from them.
 //
-// y[m, n] = (sum_k q[m, k] * c[n, k]) * scale[n] / inv[m],  q = round(x' * inv), inv = 127 / max|x'|,
-// x' = rmsnorm(x[m]) * norm_w when a norm weight is given, else x[m]. The integer sums are exact; with
-// AVX512-VNNI they run as u8 x s8 dot products on q + 128 (the +128 is removed with the row sums of c).
-// One call replaces the ~12 small PyTorch ops of the same computation, which dominate small models.
+// ternary_linear is the fused BitNet linear: [RMSNorm] -> per-token 8-bit absmax activations -> ternary
+// matmul. y[m, n] = sum_g (sum_{k in g} q[m, k] * c[n, k]) * scale[n, g] / inv[m], q = round(x' * inv),
+// inv = 127 / max|x'|, x' = rmsnorm(x[m]) * norm_w when a norm weight is given, else x[m]. The integer
+// sums are exact; with AVX512-VNNI they run as u8 x s8 dot products on q + 128 (the +128 is removed with
+// the group sums of c). One call replaces the ~12 small PyTorch ops of the same computation, which
+// dominate small models.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
-#include <type_traits>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #ifdef __AVX512F__
