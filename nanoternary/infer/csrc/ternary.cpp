@@ -628,15 +628,19 @@ bool has_vnni() {
 #endif
 }
 
+// The kernels run without the GIL (they touch no Python object once their arguments are converted), so
+// a server's event loop can stream tokens on another core while a step computes.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("ternary_linear", &ternary_linear, "[rmsnorm] + 8-bit activations + ternary matmul");
-  m.def("decode_attention", &decode_attention, "KV-cache write + attention for one new position per sequence");
-  m.def("head_tiled", &head_tiled, "h @ E^T with E as fp16 or float32 tiles (kernels.head_tiles)");
+  using no_gil = pybind11::call_guard<pybind11::gil_scoped_release>;
+  m.def("ternary_linear", &ternary_linear, "[rmsnorm] + 8-bit activations + ternary matmul", no_gil());
+  m.def("decode_attention", &decode_attention, "KV-cache write + attention for one new position per sequence",
+        no_gil());
+  m.def("head_tiled", &head_tiled, "h @ E^T with E as fp16 or float32 tiles (kernels.head_tiles)", no_gil());
   m.def("has_vnni", &has_vnni, "compiled with AVX512-VNNI dot products");
   pybind11::class_<DecodeModel>(m, "DecodeModel")
       .def(pybind11::init<torch::Tensor, std::vector<std::vector<torch::Tensor>>, std::vector<std::vector<double>>,
                           std::vector<std::vector<torch::Tensor>>, std::vector<std::vector<double>>, int64_t,
                           torch::Tensor, double, torch::Tensor, torch::Tensor, torch::Tensor, int64_t, int64_t,
                           int64_t, double>())
-      .def("step", &DecodeModel::step, "one decode position per sequence through the whole model");
+      .def("step", &DecodeModel::step, "one decode position per sequence through the whole model", no_gil());
 }
