@@ -283,16 +283,22 @@ class Engine:
                 raise ValueError("sequence has no new token: call append() before the next step")
             self._reserve(seq, len(seq.ids))
             spans.append(n)
-        groups = [list(range(len(seqs)))]
-        if self.decoder is not None and 1 in spans and max(spans) > 1:
-            groups = [[i for i, n in enumerate(spans) if n == 1], [i for i, n in enumerate(spans) if n > 1]]
-        logits = torch.empty(len(seqs), self.cfg.vocab_size)
-        for rows in groups:
+
+        def forward(rows: list[int]) -> torch.Tensor:
             part = [seqs[i] for i in rows]
             ids = torch.tensor([t for s in part for t in s.ids[s.cached :]], device=self.device)
             pos = torch.tensor([p for s in part for p in range(s.cached, len(s.ids))], device=self.device)
-            out = self._forward(ids, pos, part, [spans[i] for i in rows], every_position=False)
-            logits[rows] = out.float().cpu()
+            return self._forward(ids, pos, part, [spans[i] for i in rows], every_position=False).float().cpu()
+
+        if self.decoder is not None and 1 in spans and max(spans) > 1:
+            logits = torch.empty(len(seqs), self.cfg.vocab_size)
+            for rows in (
+                [i for i, n in enumerate(spans) if n == 1],
+                [i for i, n in enumerate(spans) if n > 1],
+            ):
+                logits[rows] = forward(rows)
+        else:
+            logits = forward(list(range(len(seqs))))
         for seq in seqs:
             seq.cached = len(seq.ids)
         return logits

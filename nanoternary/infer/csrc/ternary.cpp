@@ -25,14 +25,19 @@
 
 namespace {
 
+// RMSNorm's 1 / sqrt(mean(x^2) + eps) for a row of K values, the squares summed in double.
+inline float inverse_rms(const float* x, int64_t K, double eps) {
+  double ss = 0.0;
+  for (int64_t k = 0; k < K; ++k) ss += (double)x[k] * x[k];
+  return 1.0f / std::sqrt((float)(ss / K) + (float)eps);
+}
+
 // q + 128 as u8 (VNNI wants unsigned activations) for one row; returns 127 / max|x'|.
 float quantize_row(const float* x, const float* norm_w, double norm_eps, double act_eps, int64_t K,
                    float* scratch, uint8_t* q) {
   const float* src = x;
   if (norm_w != nullptr) {
-    double ss = 0.0;
-    for (int64_t k = 0; k < K; ++k) ss += (double)x[k] * x[k];
-    const float r = 1.0f / std::sqrt((float)(ss / K) + (float)norm_eps);
+    const float r = inverse_rms(x, K, norm_eps);
     for (int64_t k = 0; k < K; ++k) scratch[k] = x[k] * r * norm_w[k];
     src = scratch;
   }
@@ -437,9 +442,7 @@ class StreamResidual {
       float* np = normed.data_ptr<float>();
       for (int64_t b = 0; b < B; ++b) {
         const float* row = xp + b * n * C;
-        float ss = 0.f;
-        for (int64_t k = 0; k < n * C; ++k) ss += row[k] * row[k];
-        const float r = 1.f / std::sqrt(ss / (float)(n * C) + (float)eps);
+        const float r = inverse_rms(row, n * C, eps);
         for (int64_t k = 0; k < n * C; ++k) np[b * n * C + k] = row[k] * r;
       }
       auto projected = at::linear(normed, proj).contiguous();
