@@ -97,6 +97,19 @@ def correlations(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.array([np.corrcoef(x, y)[0, 1] for x, y in zip(a, b, strict=True)])
 
 
+def assert_same_argmax_away_from_ties(got: np.ndarray, want: np.ndarray) -> None:
+    """The same argmax at every position where llama.cpp's top two logits lie further apart than the two
+    implementations differ there (2x their largest difference), and such clear positions are >= 90%.
+
+    Why not at every position: llama.cpp picks its kernels by CPU (AVX2, AVX-512 VNNI, AMX), each summing
+    in its own order, so a near-tie between two tokens can go either way on one machine and not another.
+    """
+    top2 = np.sort(want, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * np.abs(got - want).max(axis=-1)
+    assert clear.mean() >= 0.9, clear
+    assert np.array_equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
+
+
 def test_llama_cpp_tokenizes_like_our_tokenizer(llm, native):
     engine = native
     for text in PROMPTS:
@@ -114,7 +127,7 @@ def test_per_position_logits_agree(llm, emulated, native):
         assert want.std() > 1.0  # a trained model: peaked, non-degenerate logits
         got = emulated.score(ids).numpy()
         assert correlations(got, want).min() >= 0.9999
-        assert np.array_equal(got.argmax(-1), want.argmax(-1))
+        assert_same_argmax_away_from_ties(got, want)
         fast = native.score(ids).numpy()  # the training model's arithmetic: per-token activation scales
         assert correlations(fast, want).min() >= 0.999
         assert (fast.argmax(-1) == want.argmax(-1)).mean() >= 0.9
