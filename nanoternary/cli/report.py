@@ -12,7 +12,7 @@ from rich.table import Table
 from nanoternary.data.datamodule import TokenDataModule
 from nanoternary.evals.bpb import compression_bpb
 from nanoternary.infer.generate import greedy_complete
-from nanoternary.lit.module import LitTernaryLM
+from nanoternary.model.transformer import TernaryLM
 
 
 def heldout_table(title: str, loss: float | None, bpb: float | None, baselines: dict[str, float]) -> Table:
@@ -29,7 +29,7 @@ def heldout_table(title: str, loss: float | None, bpb: float | None, baselines: 
 
 def print_run_summary(
     run_dir: Path,
-    module: LitTernaryLM,
+    model: TernaryLM,
     datamodule: TokenDataModule,
     metrics: dict[str, Any],
     wall_seconds: float,
@@ -48,9 +48,9 @@ def print_run_summary(
         title = f"held-out {datamodule.source_name} (token ids: no bytes, so no bpb and no compressors)"
     console.print(heldout_table(title, metrics.get("val/loss"), metrics.get("val/bpb"), baselines))
     if datamodule.has_text:
-        module.model.eval()
+        model.eval()
         tokenizer = datamodule.prepare().tokenizer
-        sample = greedy_complete(module.model.float(), tokenizer, sample_prompt, sample_tokens)
+        sample = greedy_complete(model.float(), tokenizer, sample_prompt, sample_tokens)
         console.print(f"[bold]sample[/bold] (greedy, {sample_tokens} tokens):")
         console.print(sample_prompt + sample, markup=False, highlight=False)
     summary = {

@@ -30,6 +30,7 @@ from nanoternary.lit.callbacks.export import ModelExport
 from nanoternary.lit.callbacks.gguf_export import GGUFExport
 from nanoternary.lit.module import LitTernaryLM
 from nanoternary.lit.resume import continue_csv_log, resolve_resume
+from nanoternary.model.sharding import whole_model
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger(__name__)
@@ -41,17 +42,6 @@ def instantiate_all(node: DictConfig | None) -> list[Any]:
     if not node:
         return []
     return [instantiate(v) for v in node.values() if isinstance(v, DictConfig) and "_target_" in v]
-
-
-def check_strategy(cfg: DictConfig) -> None:
-    """Refuse combinations that cannot train, before any data is prepared."""
-    strategy = cfg.trainer.get("strategy")
-    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy or "")
-    if "FSDP" in target.upper() and cfg.optim.name != "adamw":
-        raise ValueError(
-            f"trainer=fsdp holds each weight matrix in shards, and optim={cfg.optim.name} orthogonalizes "
-            "whole matrices (Muon): use optim=adamw with trainer=fsdp"
-        )
 
 
 def make_module(cfg: DictConfig, corpus: PreparedCorpus) -> LitTernaryLM:
@@ -69,7 +59,6 @@ def make_module(cfg: DictConfig, corpus: PreparedCorpus) -> LitTernaryLM:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job and return its final metrics (what a Hydra sweeper optimizes)."""
     started = time.perf_counter()
-    check_strategy(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule: TokenDataModule = instantiate(cfg.data)
     corpus = datamodule.prepare()
@@ -125,11 +114,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     result = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if export is not None and export.final_meta:
         result.update({"val/loss": export.final_meta["val_loss"], "val/bpb": export.final_meta["val_bpb"]})
+    model = whole_model(module.model)  # under FSDP a collective: every rank, before the rank-0 summary
     if trainer.is_global_zero:
         run_dir = Path(cfg.paths.output_dir)
         print_run_summary(
             run_dir=run_dir,
-            module=module,
+            model=model,
             datamodule=datamodule,
             metrics=result,
             wall_seconds=time.perf_counter() - started,

@@ -14,6 +14,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
+from torch.nn.utils import clip_grad_norm_
 
 from nanoternary.evals.bpb import nll_bytes_sums, score_from_sums
 from nanoternary.lit.compile import compile_static
@@ -22,6 +23,8 @@ from nanoternary.lit.nan_guard import NonFiniteGuard
 from nanoternary.model.bitlinear import BitLinear
 from nanoternary.model.config import ModelConfig
 from nanoternary.model.mhc import MHCProbe
+from nanoternary.model.quant import ternarize
+from nanoternary.model.sharding import is_sharded, shard_model, whole
 from nanoternary.model.transformer import TernaryLM
 from nanoternary.optim.factory import make_optimizers
 
@@ -81,6 +84,14 @@ class LitTernaryLM(L.LightningModule):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
 
+    def configure_model(self) -> None:
+        """trainer=fsdp (Lightning's ModelParallelStrategy) builds a (nodes, devices) mesh: shard over a
+        node's devices with FSDP2, replicating across nodes when there are several. Other strategies: no-op."""
+        mesh = self.device_mesh
+        if mesh is None or is_sharded(self.model):
+            return
+        shard_model(self.model, mesh["tensor_parallel"] if mesh["data_parallel"].size() == 1 else mesh)
+
     # ---- optimizers -------------------------------------------------------------------------
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         return make_optimizers(self.model, self.optim_cfg)
@@ -98,7 +109,7 @@ class LitTernaryLM(L.LightningModule):
         first = batch_idx % self.accumulate == 0
         self._loss_sum = loss.detach() if first or self._loss_sum is None else self._loss_sum + loss.detach()
         if (batch_idx + 1) % self.accumulate == 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg["grad_clip"])
+            grad_norm = whole(clip_grad_norm_(self.model.parameters(), self.optim_cfg["grad_clip"]))
             finite = self.step_is_finite(grad_norm)
             if not finite:  # drop the gradients: the wrapped step below then counts the step, changes nothing
                 for opt in opts:
@@ -184,11 +195,12 @@ class LitTernaryLM(L.LightningModule):
 
 @torch.no_grad()
 def zero_fraction(model: torch.nn.Module) -> float:
-    """Fraction of ternary weight codes equal to zero, over every quantized BitLinear."""
+    """Fraction of ternary weight codes equal to zero, over every quantized BitLinear (gathers sharded
+    weights: every rank calls it)."""
     zeros = total = 0
     for m in model.modules():
         if isinstance(m, BitLinear) and m.quantize:
-            codes, _ = m.ternary()
+            codes, _ = ternarize(whole(m.weight), m.group_size, m.fp16_scales)
             zeros += int((codes == 0).sum())
             total += codes.numel()
     return zeros / total if total else 0.0

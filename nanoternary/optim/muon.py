@@ -7,6 +7,11 @@ running the same iteration with batched matmuls (bmm/baddbmm) does the same arit
 handful of calls. Everything else is torch.optim.Muon's: bf16 iterations, Frobenius normalization, tall
 matrices transposed, `adjust_lr_fn`, decoupled weight decay, the `momentum_buffer` state (so checkpoints
 are interchangeable), and the per-matrix results agree with it to bf16 rounding.
+
+Under FSDP2 (`trainer=fsdp`) each matrix is a DTensor holding this rank's rows. Newton–Schulz needs the
+whole matrix, so the update is gathered (one all-gather per matrix), orthogonalized identically on every
+rank, and each rank keeps its own rows: the same arithmetic as one process, at the cost of every rank
+orthogonalizing every matrix.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import math
 from collections import defaultdict
 
 import torch
+
+from nanoternary.model.sharding import laid_out_like, whole
 
 
 def newton_schulz(
@@ -71,14 +78,14 @@ class BatchedMuon(torch.optim.Muon):
                 by_shape[p.shape].append(i)
             for shape, index in by_shape.items():
                 tall = shape[0] > shape[1]
-                stack = torch.stack([updates[i] for i in index])
+                stack = torch.stack([whole(updates[i]) for i in index])
                 ortho = newton_schulz(
                     stack.mT if tall else stack, group["ns_coefficients"], group["ns_steps"], group["eps"]
                 )
                 ortho = (ortho.mT if tall else ortho).float()  # exact; the fp32 add torch.optim.Muon does
                 torch._foreach_add_(
                     [params[i] for i in index],
-                    list(ortho.unbind(0)),
+                    [laid_out_like(params[i], o) for i, o in zip(index, ortho.unbind(0), strict=True)],
                     alpha=-adjusted_lr(lr, group["adjust_lr_fn"], shape),
                 )
         return loss

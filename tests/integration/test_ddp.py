@@ -4,7 +4,6 @@ one process with twice the batch; plus the GPU/cluster configs, which must compo
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -15,8 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from nanoternary.cli.resolvers import register_resolvers
-from nanoternary.cli.train import CONF_DIR, check_strategy
-from nanoternary.model.transformer import Block
+from nanoternary.cli.train import CONF_DIR
 from tests.train_cli import TINY, metric_rows, train_cli
 
 register_resolvers()
@@ -153,23 +151,10 @@ def test_gpu_and_ddp_trainers_build_their_strategies():
     assert (ddp.strategy, ddp.devices, ddp.num_nodes, ddp.use_distributed_sampler) == ("ddp", 4, 2, False)
 
 
-def test_fsdp_wraps_each_transformer_block():
-    strategy = instantiate(compose_train(["trainer=fsdp", "optim=adamw"]).trainer.strategy)
-    assert type(strategy).__name__ == "FSDPStrategy"
-    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Block}
-    assert strategy.kwargs["use_orig_params"] is True
-
-
-def test_fsdp_with_muon_is_refused_by_name():
-    check_strategy(compose_train(["trainer=fsdp", "optim=adamw"]))  # the supported pairing passes
-    with pytest.raises(
-        ValueError,
-        match=re.escape(
-            "trainer=fsdp holds each weight matrix in shards, and optim=muon_lion orthogonalizes whole "
-            "matrices (Muon): use optim=adamw with trainer=fsdp"
-        ),
-    ):
-        check_strategy(compose_train(["trainer=fsdp"]))
+def test_fsdp_builds_lightnings_fsdp2_strategy_with_whole_checkpoints():
+    strategy = instantiate(compose_train(["trainer=fsdp"]).trainer.strategy)
+    assert type(strategy).__name__ == "ModelParallelStrategy"
+    assert strategy._save_distributed_checkpoint is False
 
 
 def test_slurm_launcher_matches_tasks_to_the_trainer():

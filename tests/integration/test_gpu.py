@@ -61,7 +61,7 @@ def test_engine_on_cuda_decodes_like_the_cpu_engine(name, tokenizer):
     [
         ["trainer=gpu", "compile=true"],
         ["trainer=ddp", "trainer.accelerator=gpu", "trainer.devices=1"],
-        ["trainer=fsdp", "optim=adamw", "trainer.devices=1"],
+        ["trainer=fsdp", "trainer.devices=1"],
     ],
     ids=["gpu_bf16_compiled", "ddp_1gpu", "fsdp_1gpu"],
 )

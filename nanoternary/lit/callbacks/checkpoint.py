@@ -40,6 +40,7 @@ from nanoternary.lit.run_files import (
     ckpt_name,
     discard_dir,
 )
+from nanoternary.model.sharding import whole, whole_model
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def non_finite_parameters(module: torch.nn.Module) -> list[str]:
-    params = dict(module.named_parameters())
+    params = {name: whole(p) for name, p in module.named_parameters()}  # under FSDP: every rank calls this
     if bool(torch.stack([torch.isfinite(p).all() for p in params.values()]).all()):  # one sync per save
         return []
     return [name for name, p in params.items() if not bool(torch.isfinite(p).all())]
@@ -250,13 +251,15 @@ class StepCheckpoint(Checkpoint):
         )
         self._saving_step = step
         error = self.write_ckpt(trainer, pending.tmp)
-        if error is None and pending.folder is not None and trainer.is_global_zero:
-            try:
-                self.exporter.write(trainer, pl_module, pending.folder.name)
-            except Exception as exc:
-                if not is_storage_error(exc):
-                    raise
-                error = exc
+        if pending.folder is not None:
+            model = whole_model(pl_module.model)  # under FSDP a collective: every rank, whatever the .ckpt did
+            if error is None and trainer.is_global_zero:
+                try:
+                    self.exporter.write(trainer, pl_module, pending.folder.name, model=model)
+                except Exception as exc:
+                    if not is_storage_error(exc):
+                        raise
+                    error = exc
         failure = rank_zero_result(trainer, lambda: self.failure(error, pending, need))
         if failure is not None:
             pl_module.request_stop(failure)

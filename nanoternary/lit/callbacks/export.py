@@ -16,6 +16,7 @@ import torch
 
 from nanoternary.evals.bpb import evaluate_heldout
 from nanoternary.io.export_dir import save_export
+from nanoternary.model.sharding import whole_model
 
 log = logging.getLogger(__name__)
 
@@ -47,27 +48,36 @@ class ModelExport(L.Callback):
         }
 
     def write(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, name: str, extra: dict | None = None
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        name: str,
+        extra: dict | None = None,
+        model: torch.nn.Module | None = None,
     ) -> Path:
+        """export/<name>/ of `model` (default pl_module.model; under FSDP the gathered whole_model copy)."""
         meta = {**self.training_meta(trainer, pl_module), **(extra or {})}
-        path = save_export(self.dirpath / name, pl_module.model, trainer.datamodule.prepare().tokenizer, meta)
-        return path
+        weights = pl_module.model if model is None else model
+        return save_export(self.dirpath / name, weights, trainer.datamodule.prepare().tokenizer, meta)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero or getattr(pl_module, "stop_reason", None):
+        if getattr(pl_module, "stop_reason", None):
             return  # a run stopped by a guard (disk full, non-finite loss) gets no final/ folder
+        model = whole_model(pl_module.model)  # under FSDP a collective, so before the rank check
+        if not trainer.is_global_zero:
+            return
         extra: dict[str, Any] = {}
         if self.final_eval:
-            was_training = pl_module.training
-            pl_module.eval()
+            was_training = model.training
+            model.eval()
             with torch.autocast(pl_module.device.type, enabled=False):
                 score = evaluate_heldout(
-                    pl_module.model,
+                    model,
                     trainer.datamodule.heldout_dataloader(),
                     pl_module.token_bytes,
                     pl_module.eot_id,
                 )
-            pl_module.train(was_training)
+            model.train(was_training)
             extra = {
                 "val_loss": score.loss,
                 "val_bpb": score.bpb,
@@ -75,5 +85,5 @@ class ModelExport(L.Callback):
                 "val_bytes": score.bytes,
             }
             log.info("final held-out: loss %.4f nats/token, %.4f bits/byte", score.loss, score.bpb)
-        self.final_path = self.write(trainer, pl_module, "final", extra)
+        self.final_path = self.write(trainer, pl_module, "final", extra, model)
         self.final_meta = extra
