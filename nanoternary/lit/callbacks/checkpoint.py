@@ -252,7 +252,9 @@ class StepCheckpoint(Checkpoint):
         self._saving_step = step
         error = self.write_ckpt(trainer, pending.tmp)
         if pending.folder is not None:
-            model = whole_model(pl_module.model)  # under FSDP a collective: every rank, whatever the .ckpt did
+            model = whole_model(
+                pl_module.model
+            )  # under FSDP a collective: every rank, whatever the .ckpt did
             if error is None and trainer.is_global_zero:
                 try:
                     self.exporter.write(trainer, pl_module, pending.folder.name, model=model)
