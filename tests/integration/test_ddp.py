@@ -106,7 +106,7 @@ def test_two_ddp_processes_train_like_one_with_twice_the_batch(tmp_path, cache_d
     diffs = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
     # Lion's sign() and Muon's bf16 Newton-Schulz turn rounding into whole-step differences in a few entries:
     # 3e-4 of them on an AMX CPU, under 1e-4 on an AVX-512 one
-    assert (diffs > 1e-4).float().mean() < 0.01, (
+    assert (diffs > 1e-4).float().mean() < 1e-3, (
         f"{int((diffs > 1e-4).sum())} of {diffs.numel()} weights differ"
     )
     lion_lr = OmegaConf.load(ddp_dir / ".hydra" / "config.yaml").optim.lion.lr
