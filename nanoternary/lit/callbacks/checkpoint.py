@@ -252,9 +252,8 @@ class StepCheckpoint(Checkpoint):
         self._saving_step = step
         error = self.write_ckpt(trainer, pending.tmp)
         if pending.folder is not None:
-            model = whole_model(
-                pl_module.model
-            )  # under FSDP a collective: every rank, whatever the .ckpt did
+            # under FSDP a collective: every rank gathers, whatever its .ckpt write did
+            model = whole_model(pl_module.model)
             if error is None and trainer.is_global_zero:
                 try:
                     self.exporter.write(trainer, pl_module, pending.folder.name, model=model)
