@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from omegaconf import OmegaConf
+from safetensors.torch import load_file
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -64,6 +65,37 @@ def test_two_fsdp_processes_train_like_one_with_twice_the_batch(tmp_path, cache_
     assert files_of(fsdp_dir) == files_of(one_dir)
     assert (fsdp_dir / "export" / "final" / "model.gguf").is_file()
     assert (fsdp_dir / "train.log").read_text().count(" parameters") == 1
+
+
+def test_an_fsdp_run_resumed_from_its_step_2_checkpoint_ends_bitwise_like_the_uninterrupted_one(
+    tmp_path, cache_dir
+):
+    """Checkpoints hold whole tensors; resuming loads them back into the shards (weights, Muon and Lion
+    state, data position, schedule), so 2 steps + 2 resumed steps are exactly 4 steps."""
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    fsdp = [*TINY, "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=2"]
+    fsdp.append("callbacks.wsd.total_steps=4")  # the 2-step leg must follow the 4-step run's schedule
+    train_cli(cache_dir, *fsdp, "trainer.max_steps=4", f"run_dir={whole}")
+    train_cli(cache_dir, *fsdp, "trainer.max_steps=2", f"run_dir={resumed}")
+    train_cli(cache_dir, *fsdp, "trainer.max_steps=4", f"run_dir={resumed}", "ckpt_path=auto")
+
+    assert (
+        f"resuming from {resumed / 'checkpoints' / 'step-00000002.ckpt'}"
+        in (resumed / "train.log").read_text()
+    )
+    a, b = (load_file(d / "export" / "final" / "model.safetensors") for d in (whole, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ca, cb = (
+        torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        for d in (whole, resumed)
+    )
+    assert ca["global_step"] == cb["global_step"] == 4
+    for sa, sb in zip(ca["optimizer_states"], cb["optimizer_states"], strict=True):
+        assert sa["state"].keys() == sb["state"].keys()
+        for key, state in sa["state"].items():
+            assert all(
+                torch.equal(v, sb["state"][key][name]) for name, v in state.items() if torch.is_tensor(v)
+            )
 
 
 def free_port() -> int:
