@@ -28,9 +28,9 @@ from nanoternary.io.export_dir import load_export
 from nanoternary.lit.callbacks.checkpoint import StepCheckpoint
 from nanoternary.lit.callbacks.export import ModelExport
 from nanoternary.lit.callbacks.gguf_export import GGUFExport
+from nanoternary.lit.fsdp import whole_model
 from nanoternary.lit.module import LitTernaryLM
 from nanoternary.lit.resume import continue_csv_log, resolve_resume
-from nanoternary.model.sharding import whole_model
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger(__name__)

@@ -18,13 +18,13 @@ from torch.nn.utils import clip_grad_norm_
 
 from nanoternary.evals.bpb import nll_bytes_sums, score_from_sums
 from nanoternary.lit.compile import compile_static
+from nanoternary.lit.fsdp import shard_model
 from nanoternary.lit.log_due import logs_due
 from nanoternary.lit.nan_guard import NonFiniteGuard
 from nanoternary.model.bitlinear import BitLinear
 from nanoternary.model.config import ModelConfig
 from nanoternary.model.mhc import MHCProbe
-from nanoternary.model.quant import ternarize
-from nanoternary.model.sharding import is_sharded, shard_model, whole
+from nanoternary.model.sharding import is_sharded, whole
 from nanoternary.model.transformer import TernaryLM
 from nanoternary.optim.factory import make_optimizers
 
@@ -196,11 +196,11 @@ class LitTernaryLM(L.LightningModule):
 @torch.no_grad()
 def zero_fraction(model: torch.nn.Module) -> float:
     """Fraction of ternary weight codes equal to zero, over every quantized BitLinear (gathers sharded
-    weights: every rank calls it)."""
+    weights: every rank calls it, see BitLinear.ternary)."""
     zeros = total = 0
     for m in model.modules():
         if isinstance(m, BitLinear) and m.quantize:
-            codes, _ = ternarize(whole(m.weight), m.group_size, m.fp16_scales)
+            codes, _ = m.ternary()
             zeros += int((codes == 0).sum())
             total += codes.numel()
     return zeros / total if total else 0.0

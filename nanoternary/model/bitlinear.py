@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoternary.model.quant import quantize_activation, quantize_weight, ternarize
+from nanoternary.model.sharding import whole
 
 
 class BitLinear(nn.Linear):
@@ -34,8 +35,9 @@ class BitLinear(nn.Linear):
 
     @torch.no_grad()
     def ternary(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(codes, scales) exactly as the forward pass uses them; what the exporters write."""
-        return ternarize(self.weight, self.group_size, self.fp16_scales)
+        """(codes, scales) exactly as the forward pass uses them; what the exporters write. A weight that
+        FSDP shards is gathered first: the scales are per row group, the same on every rank."""
+        return ternarize(whole(self.weight), self.group_size, self.fp16_scales)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, quantize={self.quantize}, group_size={self.group_size}"

@@ -31,6 +31,7 @@ from nanoternary.io.atomic import fsync_dir
 from nanoternary.lit.callbacks.disk_space import DiskSpace, space_report
 from nanoternary.lit.callbacks.export import ModelExport
 from nanoternary.lit.callbacks.retention import Retention
+from nanoternary.lit.fsdp import whole_model
 from nanoternary.lit.rank_zero import rank_zero_result
 from nanoternary.lit.run_files import (
     DIGEST_KEY,
@@ -40,7 +41,7 @@ from nanoternary.lit.run_files import (
     ckpt_name,
     discard_dir,
 )
-from nanoternary.model.sharding import whole, whole_model
+from nanoternary.model.sharding import whole
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +257,7 @@ class StepCheckpoint(Checkpoint):
             model = whole_model(pl_module.model)
             if error is None and trainer.is_global_zero:
                 try:
-                    self.exporter.write(trainer, pl_module, pending.folder.name, model=model)
+                    self.exporter.write(trainer, pl_module, model, pending.folder.name)
                 except Exception as exc:
                     if not is_storage_error(exc):
                         raise

@@ -16,7 +16,7 @@ import torch
 
 from nanoternary.evals.bpb import evaluate_heldout
 from nanoternary.io.export_dir import save_export
-from nanoternary.model.sharding import whole_model
+from nanoternary.lit.fsdp import whole_model
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +51,13 @@ class ModelExport(L.Callback):
         self,
         trainer: L.Trainer,
         pl_module: L.LightningModule,
+        model: torch.nn.Module,
         name: str,
         extra: dict | None = None,
-        model: torch.nn.Module | None = None,
     ) -> Path:
-        """export/<name>/ of `model` (default pl_module.model; under FSDP the gathered whole_model copy)."""
+        """export/<name>/ of `model`: whole_model(pl_module.model), the model itself unless FSDP shards it."""
         meta = {**self.training_meta(trainer, pl_module), **(extra or {})}
-        weights = pl_module.model if model is None else model
-        return save_export(self.dirpath / name, weights, trainer.datamodule.prepare().tokenizer, meta)
+        return save_export(self.dirpath / name, model, trainer.datamodule.prepare().tokenizer, meta)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if getattr(pl_module, "stop_reason", None):
@@ -85,5 +84,5 @@ class ModelExport(L.Callback):
                 "val_bytes": score.bytes,
             }
             log.info("final held-out: loss %.4f nats/token, %.4f bits/byte", score.loss, score.bpb)
-        self.final_path = self.write(trainer, pl_module, "final", extra, model)
+        self.final_path = self.write(trainer, pl_module, model, "final", extra)
         self.final_meta = extra
