@@ -14,10 +14,7 @@ the last sub-layer have no H_res (see MHCLiteResidual: it would be provably iner
 symmetric init, so that `seed_tiny` can be compared with the original run; its streams never diverge.
 
 The coefficients and the stream mixing are computed in fp32 even under autocast: a bf16 mixture is not
-doubly stochastic to 1e-6, and a bf16 residual stream would lose the small per-layer updates. The one
-exception is the dynamic projection's matmul, which runs at the autocast precision like the model's other
-matmuls (an fp32 one cost a 2-core CPU about 13 ms of a 230 ms tiny step); its fp32 result is what the
-softmax sees, so H_res stays exactly doubly stochastic.
+doubly stochastic to 1e-6, and a bf16 residual stream would lose the small per-layer updates.
 """
 
 from __future__ import annotations
@@ -89,13 +86,14 @@ class StreamResidual(nn.Module):
         raise NotImplementedError
 
     def res_weights(self, x: torch.Tensor) -> torch.Tensor | None:
-        return self.coefficients(x.float())[2]
+        with no_autocast(x):
+            return self.coefficients(x.float())[2]
 
     def forward(self, x: torch.Tensor, branch: Branch) -> torch.Tensor:
         """x: (B, T, n, C) streams; branch(h) = sub-layer(pre-norm(h)) maps (B, T, C) -> (B, T, C)."""
-        x = x.float()
-        pre, post, weights = self.coefficients(x)
         with no_autocast(x):
+            x = x.float()
+            pre, post, weights = self.coefficients(x)
             h = read_streams(pre, x)
         y = branch(h)
         with no_autocast(x):
@@ -147,24 +145,21 @@ class MHCLiteResidual(StreamResidual):
         n = self.n_streams
         pre, post = self.pre_bias, self.post_bias
         logits = self.res_bias if self.n_perms else None
-        d = self.dynamic_logits(x) if self.dynamic else None
-        with no_autocast(x):
-            if d is not None:
-                pre = self.gates[0] * d[..., :n] + pre
-                post = self.gates[1] * d[..., n : 2 * n] + post
-                if logits is not None:
-                    logits = self.gates[2] * d[..., 2 * n :] + logits
-            weights = None if logits is None else torch.softmax(logits, dim=-1)
-            return torch.sigmoid(pre), 2 * torch.sigmoid(post), weights
+        if self.dynamic:
+            d = self.dynamic_logits(x)
+            pre = self.gates[0] * d[..., :n] + pre
+            post = self.gates[1] * d[..., n : 2 * n] + post
+            if logits is not None:
+                logits = self.gates[2] * d[..., 2 * n :] + logits
+        weights = None if logits is None else torch.softmax(logits, dim=-1)
+        return torch.sigmoid(pre), 2 * torch.sigmoid(post), weights
 
     def dynamic_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """RMSNorm(vec x)·projᵀ as (vec x)·projᵀ·rsqrt(mean((vec x)²) + eps): the same value, without writing
-        the normalized n·C copy of the streams (and reading it back in the backward pass). The product runs
-        at the ambient autocast precision, like every other matmul of the model; the norm and what follows
-        stay fp32, so H_res is still exactly doubly stochastic."""
+        """RMSNorm(vec x)·projᵀ computed as ((vec x)·projᵀ)·rsqrt(mean((vec x)²) + eps): the same value
+        without writing a normalized n·C copy of the streams and reading it back in the backward pass
+        (the norm is one scalar per token, so it commutes with the projection)."""
         flat = x.flatten(-2)
-        inv_rms = torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.eps)
-        return F.linear(flat, self.proj).float() * inv_rms
+        return F.linear(flat, self.proj) * torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.eps)
 
 
 class SeedResidual(StreamResidual):

@@ -273,8 +273,8 @@ def test_streams_keep_fp32_under_bf16_autocast_and_match_fp32_closely():
 
 
 def test_dynamic_logits_are_the_projection_of_the_rms_normed_streams():
-    """The norm is applied after the product (no normalized copy of the streams); the value is the same, and
-    under bf16 autocast the product is a bf16 matmul like every other one while the logits stay fp32."""
+    """The norm is applied after the product (no normalized copy of the streams): the same value, fp32 even
+    under bf16 autocast like the rest of the coefficients."""
     torch.manual_seed(0)
     res = MHCLiteResidual(4, dim=32, favoured=1, dynamic=True, gate_init=0.01, eps=1e-6)
     with torch.no_grad():
@@ -284,15 +284,11 @@ def test_dynamic_logits_are_the_projection_of_the_rms_normed_streams():
     expected = F.linear(F.rms_norm(flat, (flat.shape[-1],), eps=1e-6), res.proj)
     assert res.dynamic_logits(x).shape == (2, 5, 32)
     torch.testing.assert_close(res.dynamic_logits(x), expected, rtol=1e-5, atol=1e-5)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = res.dynamic_logits(x)
-    assert low.dtype == torch.float32
-    # bf16 operands (2^-9 relative rounding each): every product is off by at most ~2^-8 of its size, so
-    # each logit by at most 2^-8 of the sum of its terms' sizes (2^-7 allowed)
-    inv_rms = flat.square().mean(-1, keepdim=True).add(1e-6).rsqrt()
-    bound = 2**-7 * F.linear(flat.abs(), res.proj.abs()) * inv_rms
-    assert bool(((low - expected).abs() <= bound).all())
-    assert (low - expected).abs().max() > 0  # it did run in bf16
+    # with an identity branch nothing is left for autocast to round: a bf16 projection would show here
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        low = res(x, lambda h: h)
+    with torch.no_grad():
+        assert torch.equal(low, res(x, lambda h: h))
 
 
 @pytest.mark.slow
