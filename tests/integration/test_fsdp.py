@@ -119,6 +119,8 @@ def sharded_muon_step(rank: int, port: int, out: str) -> None:
         whole = [p.full_tensor() for p in params]
         if rank == 0:
             torch.save(whole, out)
+        # neither rank tears gloo down while the other still uses it (one CI run aborted in the teardown)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
