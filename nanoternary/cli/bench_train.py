@@ -45,7 +45,7 @@ from nanoternary.model.transformer import TernaryLM
 from nanoternary.optim.factory import make_optimizers
 
 # train.py's default callbacks that act every step; the others only act on save/validation steps
-STEP_CALLBACKS = ("wsd", "throughput", "progress_bar")
+STEP_CALLBACKS = ("wsd", "throughput", "garbage_collection", "progress_bar")
 
 
 @dataclass
