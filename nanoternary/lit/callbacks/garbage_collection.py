@@ -3,10 +3,10 @@
 After torch.compile a training process tracks 0.65-0.9 million Python objects (FX graphs, sympy
 expressions, generated code). With automatic collection on, CPython rescans all of them in each full
 (generation 2) collection: 3.1 s of the `tiny` model's first step in an empty inductor cache went to 6 of
-those, and later a 0.45 s pause came about every 200 steps. Reference counting frees everything but cycles, so this callback switches automatic
-collection off for the fit and collects the young generations (objects made since the last collection)
-every `every_n_steps` optimizer steps, as large-scale trainers such as torchtitan (`gc_freq`) do. The
-collector's previous state comes back when the fit ends or fails.
+those, and later a 0.45 s pause came about every 200 steps. Reference counting frees everything but
+cycles, so this callback switches automatic collection off for the fit and collects the young generations
+(objects made since the last collection) every `every_n_steps` optimizer steps, as large-scale trainers
+such as torchtitan (`gc_freq`) do. The collector's previous state comes back when the fit ends or fails.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class GarbageCollection(L.Callback):
         self.restore()
 
     def restore(self) -> None:
-        """Automatic collection back as it was before the fit (idempotent: teardown follows a failure too)."""
+        """Automatic collection back as it was before the fit (idempotent: teardown and on_exception call it)."""
         if self._was_enabled:
             gc.enable()
         self._was_enabled = None
