@@ -47,7 +47,7 @@ class GarbageCollection(L.Callback):
         self.restore()
 
     def restore(self) -> None:
-        """Automatic collection back as it was before the fit (idempotent: teardown and on_exception call it)."""
+        """Automatic collection as it was before the fit (idempotent: teardown and on_exception call it)."""
         if self._was_enabled:
             gc.enable()
         self._was_enabled = None
