@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,11 +29,17 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables of shape (length, head_dim) for the rotate-half convention."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
+    """cos/sin tables of shape (length, head_dim) for the rotate-half convention, in float64 rounded to fp32.
+
+    numpy, not torch: torch's CPU cos/sin hand mid-sized tensors to MKL's VML, whose own threads compute the
+    very first such call of a process in low precision (half the table off in the last fp32 bit, in about
+    one process in ten), and every process must build the same tables for runs and resumes to agree."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    angles = np.outer(np.arange(length, dtype=np.float64), inv_freq)
+    angles = np.concatenate([angles, angles], axis=-1)
+    return torch.from_numpy(np.cos(angles).astype(np.float32)), torch.from_numpy(
+        np.sin(angles).astype(np.float32)
+    )
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

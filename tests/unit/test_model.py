@@ -1,4 +1,7 @@
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -6,6 +9,7 @@ import torch.nn.functional as F
 
 from nanoternary.model.config import ModelConfig
 from nanoternary.model.transformer import TernaryLM, apply_rope, rope_tables
+from tests.conftest import REPO_ROOT
 
 
 def test_tiny_shape_and_parameter_count():
@@ -53,6 +57,35 @@ def test_rope_rotate_half_preserves_norm_and_is_relative():
     a = apply_rope(q[:, :, 3:4], cos[5:6], sin[5:6]) @ apply_rope(k, cos[2:3], sin[2:3]).transpose(-1, -2)
     b = apply_rope(q[:, :, 3:4], cos[9:10], sin[9:10]) @ apply_rope(k, cos[6:7], sin[6:7]).transpose(-1, -2)
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def libm_rope(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tables from Python's math module, one float64 angle at a time, rounded to fp32."""
+    inv_freq = [1.0 / theta ** (i / head_dim) for i in range(0, head_dim, 2)]
+    angles = [[pos * f for f in inv_freq * 2] for pos in range(length)]
+    return tuple(
+        torch.tensor([[fn(a) for a in row] for row in angles], dtype=torch.float64).float()
+        for fn in (math.cos, math.sin)
+    )
+
+
+def test_rope_tables_are_libm_cos_sin_rounded_to_fp32_in_every_process():
+    """Bit for bit, and also when the tables are the first math a process does: torch's own cos/sin got half
+    of such a first table wrong in about one fresh process in ten (MKL VML's threads), which made
+    otherwise identical runs, and a run and its resume, differ."""
+    for shape in ((64, 64, 10000.0), (64, 256, 10000.0), (32, 96, 500000.0)):
+        cos, sin = rope_tables(*shape)
+        ref_cos, ref_sin = libm_rope(*shape)
+        assert cos.dtype == sin.dtype == torch.float32 and cos.shape == (shape[1], shape[0])
+        assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin), shape
+    expected = rope_tables(64, 256, 10000.0)[0].numpy().tobytes().hex()
+    code = "from nanoternary.model.transformer import rope_tables; print(rope_tables(64, 256, 10000.0)[0].numpy().tobytes().hex())"
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    for _ in range(6):  # one after another, as runs start: processes started together hit it less often
+        out = subprocess.run(
+            [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True
+        )
+        assert out.stdout.strip() == expected, out.stderr[-2000:]
 
 
 def test_too_long_sequence_and_bad_configs_are_rejected():
