@@ -123,6 +123,10 @@ def sharded_muon_step(rank: int, port: int, out: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # The result is on disk. About one worker in 30 here still aborted after this function had returned, in the
+    # C++ teardown at interpreter exit ("terminate called without an active exception", no Python frame left),
+    # which failed the test for nothing it checks: leave without that teardown.
+    os._exit(0)
 
 
 def test_sharded_muon_step_equals_the_whole_one_bit_for_bit(tmp_path: Path):
