@@ -37,9 +37,8 @@ def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor,
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
     angles = np.outer(np.arange(length, dtype=np.float64), inv_freq)
     angles = np.concatenate([angles, angles], axis=-1)
-    return torch.from_numpy(np.cos(angles).astype(np.float32)), torch.from_numpy(
-        np.sin(angles).astype(np.float32)
-    )
+    cos, sin = (torch.from_numpy(fn(angles).astype(np.float32)) for fn in (np.cos, np.sin))
+    return cos, sin
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
