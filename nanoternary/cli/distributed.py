@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterator
 
 import torch.distributed as dist
@@ -55,11 +56,33 @@ def distributed_job() -> Iterator[None]:
     saved = {name: os.environ.get(name) for name in LAUNCHER_VARIABLES}
     try:
         yield
-    finally:
+    except BaseException:  # no last barrier: the other ranks may be gone
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+        raise
+    else:
+        if dist.is_available() and dist.is_initialized():
+            end_process_group()
+    finally:
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def end_process_group() -> None:
+    """Every rank's last step once its work is done: a barrier, a pause, then destroy_process_group.
+
+    When a collective completes, gloo's worker thread releases its reference to it, and with the last one
+    the tensors it used, whose Python wrappers need the GIL. If Python is already shutting down by then, the
+    thread dies inside a C++ destructor and the process aborts ("terminate called without an active
+    exception"; core dump: ~AsyncBarrierWork -> ~AsyncAllgatherCoalescedWork -> decref_pyobject -> take_gil
+    during Py_FinalizeEx), about one finished 2-process CPU run in 50 with a plain barrier. So this process
+    keeps the barrier's handle (and through it the collectives before it) until the group is destroyed, and
+    first gives the worker threads a moment without the GIL to finish."""
+    barrier = dist.barrier(async_op=True)
+    barrier.wait()
+    time.sleep(0.05)
+    dist.destroy_process_group()
+    del barrier  # released here, holding the GIL, not on a gloo thread
