@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
-from nanoternary.cli.distributed import end_process_group
+from nanoternary.cli.distributed import distributed_job
 from nanoternary.optim.muon import BatchedMuon
 from tests.integration.test_ddp import files_of
 from tests.train_cli import TINY, metric_rows, train_cli
@@ -108,7 +108,7 @@ def free_port() -> int:
 def sharded_muon_step(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
+    with distributed_job():  # as train.py's ranks end a job: barrier + destroy on success, destroy on failure
         mesh = init_device_mesh("cpu", (2,))
         weights, grads = torch.load(out + ".in")
         params = [torch.nn.Parameter(distribute_tensor(w, mesh, [Shard(0)])) for w in weights]
@@ -120,10 +120,6 @@ def sharded_muon_step(rank: int, port: int, out: str) -> None:
         whole = [p.full_tensor() for p in params]
         if rank == 0:
             torch.save(whole, out)
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    end_process_group()  # what train.py's ranks do: a plain barrier + destroy aborted ~1 run in 50 at exit
 
 
 def test_sharded_muon_step_equals_the_whole_one_bit_for_bit(tmp_path: Path):
