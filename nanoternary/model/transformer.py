@@ -52,22 +52,31 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 EXPLICIT_ATTENTION_MAX_LEN = 512
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def causal_bias(length: int) -> torch.Tensor:
+    """(length, length) additive causal mask: 0 on and below the diagonal, -inf above."""
+    return torch.full((length, length), float("-inf")).triu(1)
+
+
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """Causal softmax(q·kᵀ/√d)·v of (B, H, T, D) tensors; k and v may have fewer (grouped) heads.
 
-    Compiled for a CPU and short sequences it is written out: inductor fuses the scale, mask and softmax
-    around two batched matmuls, and forward + backward then take about 2/3 of the time of PyTorch's CPU
-    flash-attention kernels in bf16. (Those keep the scores in fp32; written out, the scores are rounded
-    to the autocast dtype like any matmul output: a bf16-sized difference.) Everywhere else: SDPA.
+    Compiled for a CPU, with `bias` (at least T x T, from `causal_bias`), it is written out: inductor fuses
+    the scale, mask and softmax around two batched matmuls, and forward + backward then take about 2/3 of
+    the time of PyTorch's CPU flash-attention kernels in bf16. (Those keep the scores in fp32; written out,
+    the scores are rounded to the autocast dtype like any matmul output: a bf16-sized difference.) The mask
+    is added from a tensor, not made in the graph: inductor then loads it instead of rebuilding it per
+    element with index arithmetic, and the softmax kernel runs in about half the time. Everywhere else: SDPA.
     """
     t, grouped = q.shape[-2], k.shape[1] != q.shape[1]
-    if not (torch.compiler.is_compiling() and q.device.type == "cpu" and t <= EXPLICIT_ATTENTION_MAX_LEN):
+    compiled_cpu = torch.compiler.is_compiling() and q.device.type == "cpu"
+    if bias is None or not compiled_cpu or t > min(bias.shape[-1], EXPLICIT_ATTENTION_MAX_LEN):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped)
     if grouped:
         k, v = (z.repeat_interleave(q.shape[1] // z.shape[1], dim=1) for z in (k, v))
     scores = (q @ k.transpose(-1, -2)).float() * (1.0 / math.sqrt(q.shape[-1]))
-    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-    return scores.masked_fill(~causal, float("-inf")).softmax(-1).to(v.dtype) @ v
+    return (scores + bias[:t, :t]).softmax(-1).to(v.dtype) @ v
 
 
 def make_linear(cfg: ModelConfig, in_features: int, out_features: int) -> BitLinear:
@@ -87,13 +96,15 @@ class Attention(nn.Module):
         self.sub_norm = RMSNorm(cfg.dim, cfg.norm_eps) if cfg.sub_norms else nn.Identity()
         self.o_proj = make_linear(cfg, cfg.dim, cfg.dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = causal_attention(q, k, v)
+        y = causal_attention(q, k, v, bias)
         y = y.transpose(1, 2).reshape(b, t, -1)
         return self.o_proj(self.sub_norm(y))
 
@@ -139,8 +150,10 @@ class Block(nn.Module):
         self.ffn = SwiGLU(cfg)
         self.ffn_residual = make_residual(cfg, 2 * layer + 1)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = self.attn_residual(x, lambda h: self.attn(self.attn_norm(h), cos, sin))
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = self.attn_residual(x, lambda h: self.attn(self.attn_norm(h), cos, sin, bias))
         return self.ffn_residual(x, lambda h: self.ffn(self.ffn_norm(h)))
 
 
@@ -155,6 +168,9 @@ class TernaryLM(nn.Module):
         cos, sin = rope_tables(cfg.head_dim, cfg.context_length, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer(
+            "causal_bias", causal_bias(min(cfg.context_length, EXPLICIT_ATTENTION_MAX_LEN)), persistent=False
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -174,7 +190,7 @@ class TernaryLM(nn.Module):
         cos, sin = self.rope_cos[:t], self.rope_sin[:t]
         x = self.streams.expand(self.embed(idx))
         for block in self.blocks:
-            x = block(x, cos, sin)
+            x = block(x, cos, sin, self.causal_bias)
         h = self.norm(self.streams.reduce(x))
         return F.linear(h, self.embed.weight)
 

@@ -7,12 +7,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nanoternary.model.config import ModelConfig
 from nanoternary.model.mhc import mix_streams, read_streams
-from nanoternary.model.transformer import causal_attention
+from nanoternary.model.transformer import TernaryLM, causal_attention, causal_bias
 
 
 def attention_and_streams(q, k, v, pre, h_res, x):
-    return causal_attention(q, k, v), read_streams(pre, x), mix_streams(h_res, x)
+    # a mask longer than the sequence, as the model's is: the attention uses its top-left T x T corner
+    return causal_attention(q, k, v, causal_bias(20)), read_streams(pre, x), mix_streams(h_res, x)
 
 
 def outputs_and_grads(fn, tensors):
@@ -43,3 +45,44 @@ def test_compiled_paths_match_eager():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     torch.testing.assert_close(eager[0], expected)  # the eager path is PyTorch's causal SDPA
+
+
+def test_causal_bias_is_zero_on_and_below_the_diagonal_and_minus_inf_above():
+    inf = float("inf")
+    expected = torch.tensor([[0.0, -inf, -inf], [0.0, 0.0, -inf], [0.0, 0.0, 0.0]])
+    assert torch.equal(causal_bias(3), expected)
+
+
+def test_without_a_bias_the_compiled_attention_is_sdpa():
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    q = torch.randn(1, 2, 8, 4)
+    torch.compile(causal_attention, backend=record, dynamic=False)(q, q, q)
+    (graph,) = graphs
+    called = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+    assert any("scaled_dot_product_attention" in c for c in called), called
+
+
+def test_the_compiled_model_writes_out_its_attention_with_its_mask_and_matches_eager():
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=64, dim=32, n_layers=2, n_heads=2, ffn_dim=64, context_length=24, quantize=False
+    )
+    model = TernaryLM(cfg)
+    assert model.causal_bias.shape == (24, 24)
+    idx = torch.randint(0, 64, (2, 20))
+    traced = torch.compile(model, backend=record, dynamic=False)(idx)
+    (graph,) = graphs
+    called = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+    assert not any("scaled_dot_product_attention" in c for c in called), called
+    torch.testing.assert_close(traced, model(idx), rtol=1e-5, atol=1e-5)
