@@ -17,6 +17,21 @@ def attention_and_streams(q, k, v, pre, h_res, x):
     return causal_attention(q, k, v, causal_bias(20)), read_streams(pre, x), mix_streams(h_res, x)
 
 
+def compiled_recording(fn):
+    """fn compiled by Dynamo with a backend that keeps each traced graph and runs it as it is."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    return torch.compile(fn, backend=record, dynamic=False), graphs
+
+
+def called(graph: torch.fx.GraphModule) -> list[str]:
+    return [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+
+
 def outputs_and_grads(fn, tensors):
     leaves = [t.clone().requires_grad_() for t in tensors]
     outs = fn(*leaves)
@@ -25,21 +40,15 @@ def outputs_and_grads(fn, tensors):
 
 
 def test_compiled_paths_match_eager():
-    graphs = []
-
-    def record(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 16, 8, generator=g)
     k, v = torch.randn(2, 2, 16, 8, generator=g), torch.randn(2, 2, 16, 8, generator=g)  # grouped: 2 kv heads
     pre, h_res = torch.rand(2, 16, 3, generator=g), torch.rand(2, 16, 3, 3, generator=g)
     tensors = [q, k, v, pre, h_res, torch.randn(2, 16, 3, 5, generator=g)]
-    traced = outputs_and_grads(torch.compile(attention_and_streams, backend=record, dynamic=False), tensors)
+    compiled, graphs = compiled_recording(attention_and_streams)
+    traced = outputs_and_grads(compiled, tensors)
     (graph,) = graphs
-    called = {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
-    assert not any("scaled_dot_product_attention" in c or "einsum" in c for c in called), called
+    assert not any("scaled_dot_product_attention" in c or "einsum" in c for c in called(graph)), called(graph)
     eager = outputs_and_grads(attention_and_streams, tensors)
     for a, b in zip(traced, eager, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -54,26 +63,14 @@ def test_causal_bias_is_zero_on_and_below_the_diagonal_and_minus_inf_above():
 
 
 def test_without_a_bias_the_compiled_attention_is_sdpa():
-    graphs = []
-
-    def record(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
     q = torch.randn(1, 2, 8, 4)
-    torch.compile(causal_attention, backend=record, dynamic=False)(q, q, q)
+    compiled, graphs = compiled_recording(causal_attention)
+    compiled(q, q, q)
     (graph,) = graphs
-    called = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
-    assert any("scaled_dot_product_attention" in c for c in called), called
+    assert any("scaled_dot_product_attention" in c for c in called(graph)), called(graph)
 
 
 def test_the_compiled_model_writes_out_its_attention_with_its_mask_and_matches_eager():
-    graphs = []
-
-    def record(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
     torch.manual_seed(0)
     cfg = ModelConfig(
         vocab_size=64, dim=32, n_layers=2, n_heads=2, ffn_dim=64, context_length=24, quantize=False
@@ -81,8 +78,8 @@ def test_the_compiled_model_writes_out_its_attention_with_its_mask_and_matches_e
     model = TernaryLM(cfg)
     assert model.causal_bias.shape == (24, 24)
     idx = torch.randint(0, 64, (2, 20))
-    traced = torch.compile(model, backend=record, dynamic=False)(idx)
+    compiled, graphs = compiled_recording(model)
+    traced = compiled(idx)
     (graph,) = graphs
-    called = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
-    assert not any("scaled_dot_product_attention" in c for c in called), called
+    assert not any("scaled_dot_product_attention" in c for c in called(graph)), called(graph)
     torch.testing.assert_close(traced, model(idx), rtol=1e-5, atol=1e-5)
