@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.utils import clip_grad_norm_
 
 from nanoternary.evals.bpb import nll_bytes_sums, score_from_sums
-from nanoternary.lit.compile import compile_static
+from nanoternary.lit.compile import StaticCompiled
 from nanoternary.lit.fsdp import shard_model
 from nanoternary.lit.log_due import logs_due
 from nanoternary.lit.nan_guard import NonFiniteGuard
@@ -78,7 +78,7 @@ class LitTernaryLM(L.LightningModule):
             token_bytes if token_bytes is not None else [0] * self.model_config.vocab_size
         )
         self.register_buffer("token_bytes", bytes_table, persistent=False)
-        self.train_loss_fn = compile_static(lm_loss) if compile else lm_loss
+        self.train_loss_fn = StaticCompiled(lm_loss) if compile else lm_loss
         self._val_sums: torch.Tensor | None = None
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,10 @@
-"""The inductor setting the trainer applies before compiling, and that a user's own choice is kept."""
+"""The inductor settings the trainer compiles with, and that a user's own choice is kept."""
 
+import torch
 import torch._inductor.config as inductor_config
+from torch._inductor.utils import run_and_get_code
 
-from nanoternary.lit.compile import trust_cpu_vec_isa
+from nanoternary.lit.compile import StaticCompiled, trust_cpu_vec_isa
 from nanoternary.lit.module import LitTernaryLM
 from tests.models import preset
 
@@ -26,3 +28,15 @@ def test_only_a_compiled_module_changes_the_setting():
         assert inductor_config.cpp.vec_isa_ok is None
         LitTernaryLM(model=model, optim=optim, compile=True)
         assert inductor_config.cpp.vec_isa_ok is True
+
+
+def test_a_cpu_graph_gets_a_cpp_wrapper_and_the_eager_result():
+    def relu_matmul_sum(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x @ w).sum(-1)
+
+    x, w = torch.randn(4, 8), torch.randn(8, 3)
+    out, sources = run_and_get_code(StaticCompiled(relu_matmul_sum), x, w)
+    assert torch.equal(out, relu_matmul_sum(x, w))
+    assert len(sources) == 1
+    assert "void inductor_entry_impl(" in sources[0]  # the C++ entry point, not the Python `def call(args)`
+    assert "def call(" not in sources[0]
