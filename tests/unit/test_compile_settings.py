@@ -30,7 +30,7 @@ def test_only_a_compiled_module_changes_the_setting():
         assert inductor_config.cpp.vec_isa_ok is True
 
 
-def test_a_cpu_graph_gets_a_cpp_wrapper_and_the_eager_result():
+def test_a_cpu_graph_gets_a_separately_built_cpp_wrapper_and_the_eager_result():
     def relu_matmul_sum(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return torch.relu(x @ w).sum(-1)
 
@@ -40,3 +40,4 @@ def test_a_cpu_graph_gets_a_cpp_wrapper_and_the_eager_result():
     assert len(sources) == 1
     assert "void inductor_entry_impl(" in sources[0]  # the C++ entry point, not the Python `def call(args)`
     assert "def call(" not in sources[0]
+    assert "kernel_code=kernel_src," in sources[0]  # the kernels built apart from the wrapper
