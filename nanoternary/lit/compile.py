@@ -9,9 +9,10 @@ is still tested on the instructions the kernels use. An explicit TORCHINDUCTOR_V
 
 A CPU graph is also compiled with `cpp_wrapper`: inductor then calls its kernels from generated C++ instead of
 generated Python, which takes 3-6% off a `tiny` step on 2 cores, with the same losses to the bit. Built as one
-file with its kernels, the C++ wrapper made a first compilation 5-10 s longer; with `cpp_wrapper_build_separate`
-the kernels of a graph are built as one library and the wrapper as another, and inductor's code generation and
-builds for `tiny` took 27 s, against 32 s with the Python wrapper (one library per kernel) and 39 s as one file.
+file with its kernels, the C++ wrapper made a first compilation longer; with `cpp_wrapper_build_separate` a
+graph's kernels are built as one library and its wrapper as another, which is shorter than the Python wrapper's
+one library per kernel (one gcc start, precompiled-header load and link each). Inductor's code generation and
+builds for `tiny`, two cold runs of each: 30-32 s, against 34-36 s with the Python wrapper and 41-44 s as one file.
 GPU graphs keep inductor's defaults, which are what was measured there.
 """
 
