@@ -12,7 +12,7 @@ generated Python, which takes 3-6% off a `tiny` step on 2 cores, with the same l
 file with its kernels, the C++ wrapper made a first compilation longer; with `cpp_wrapper_build_separate` a
 graph's kernels are built as one library and its wrapper as another, which is shorter than the Python wrapper's
 one library per kernel (one gcc start, precompiled-header load and link each). Inductor's code generation and
-builds for `tiny`, two cold runs of each: 30-32 s, against 34-36 s with the Python wrapper and 41-44 s as one file.
+builds for `tiny`, two cold runs of each: 30-32 s, against 33-36 s with the Python wrapper and 41-44 s as one file.
 GPU graphs keep inductor's defaults, which are what was measured there.
 """
 
